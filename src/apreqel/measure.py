@@ -109,17 +109,25 @@ class Reference:
     note: str
 
 
+def reference_file(source: Path, /, *, workspace: Workspace,
+                   progress: Progress = _quiet) -> Path:
+    """The F16 reference of `source`, made once with llama.cpp and kept in the work directory."""
+    read_model(source)
+    ref_path = workspace.model_dir(workspace.sha256(source)) / "reference-f16.gguf"
+    if not ref_path.exists():
+        progress("making the F16 reference", 0.0)
+        with atomic_path(ref_path, suffix=".gguf") as tmp:
+            engine.quantize(source, tmp, base="f16")
+    return ref_path
+
+
 def ensure_reference(source: Path, /, *, workspace: Workspace, protocol: Protocol,
                      progress: Progress = _quiet) -> Reference:
     """Make (once) the F16 reference of `source`, its evaluation tokens and its log-probs."""
     view = read_model(source)
     sha = workspace.sha256(source)
     folder = workspace.model_dir(sha)
-    ref_path = folder / "reference-f16.gguf"
-    if not ref_path.exists():
-        progress("making the F16 reference", 0.0)
-        with atomic_path(ref_path, suffix=".gguf") as tmp:
-            engine.quantize(source, tmp, base="f16")
+    ref_path = reference_file(source, workspace=workspace, progress=progress)
     kind = view.file_type.name.upper() if view.file_type else "its stored types"
     note = f"F16 dequantized from {kind} (the precision the model ships in)"
     text = evaluation_text()

@@ -167,7 +167,8 @@ def read_model(path: str | Path) -> ModelView:
     try:
         reader = GGUFReader(p)
     except Exception as exc:  # gguf raises ValueError/IndexError/struct errors on bad files
-        raise ModelError(f"cannot read GGUF file {p}: {exc}".splitlines()[0]) from None
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"cannot read GGUF file {p} (truncated or corrupt: {detail})") from None
     arch = _field(reader, "general.architecture")
     if not arch:
         raise ModelError(f"GGUF file has no general.architecture: {p}")
@@ -217,7 +218,7 @@ def _dominant_type(tensors: list[Tensor]) -> QType | None:
 
 
 def file_sha256(path: str | Path, *, cache_dir: Path | None = None) -> str:
-    """SHA-256 of a file, remembered by (path, size, mtime) in `cache_dir` to hash big models once."""
+    """SHA-256 of a file, remembered by (path, size, mtime) in `cache_dir`: big models hash once."""
     p = Path(path).resolve()
     st = p.stat()
     key = f"{p}:{st.st_size}:{st.st_mtime_ns}"

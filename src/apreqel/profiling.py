@@ -24,7 +24,7 @@ from .resources import calibration_text
 # Graph-tensor names of the residual stream, as llama.cpp's model builders call them.
 BLOCK_OUTPUT = ("l_out",)
 AFTER_ATTENTION = ("ffn_inp", "sa_out", "attn_residual", "attn_out_res")
-EMBEDDING = ("inp_scaled", "inp_embd")
+EMBEDDING = ("inp_scaled", "inp_embd", "embd")
 _WANTED = re.compile(
     r"^(?:(?:{})-\d+|{})$".format("|".join(BLOCK_OUTPUT + AFTER_ATTENTION), "|".join(EMBEDDING))
 )
