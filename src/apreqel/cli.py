@@ -29,6 +29,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Mixed-precision GGUF models that fit your device and your priorities.")
 out = Console()
 err = Console(stderr=True)
+if not out.is_terminal:
+    out.width = max(out.width, 140)
 
 ModelArg = Annotated[Path | None, typer.Argument(
     help="GGUF model (default: the built-in SmolLM2-135M-Instruct)", show_default=False)]
@@ -405,6 +407,81 @@ def demo(output: Annotated[Path, typer.Option(
     out.print(table)
     out.print(f"models, plans and llama-quantize recipes in {output}/ "
               f"({time.time() - started:.0f} s)")
+
+
+@app.command()
+@handled
+def study(model: ModelArg = None,
+          out_dir: Annotated[Path, typer.Option("--out", help="folder for study.json, "
+                                                "report.html and the built models")] = Path(
+              "apreqel-study"),
+          configs: Annotated[Path | None, typer.Option(
+              "--configs", help="your own weight configurations (JSON list or 'm,l,a [category]"
+              " [name]' lines); default: the paper's 28")] = None,
+          types: Types = None, outside_type: Outside = "q8_0",
+          estimator: Estimator = "proportional", accuracy: Accuracy = "ppl",
+          calibration: Calibration = None, calibration_tokens: CalTokens = 2048,
+          chunks: Chunks = 8, ctx: Ctx = 512, n_gen: NGen = 64, reps: Reps = 5,
+          threads: Threads = None, gpu_layers: GpuLayers = 0, workdir: Workdir = None) -> None:
+    """The paper's evaluation: every configuration built and measured, Pareto front,
+    hypervolume against the uniform types, robustness table, HTML report. Resumable."""
+    from .configs import PAPER_CONFIGS, parse_configs
+    from .study import run_study
+
+    chosen = PAPER_CONFIGS
+    if configs is not None:
+        if not configs.is_file():
+            fail(f"configs file not found: {configs}")
+        chosen = parse_configs(configs.read_text())
+    protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
+    with progress_bar("study") as bar:
+        result = run_study(_model(model), out_dir, workspace=Workspace(workdir),
+                           protocol=protocol, configs=chosen, types=types, outside=outside_type,
+                           accuracy=accuracy, estimator=estimator,
+                           calibration=str(calibration) if calibration else None,
+                           calibration_tokens=calibration_tokens,
+                           command=" ".join(["apreqel", *sys.argv[1:]]), progress=bar)
+    _render_study(result)
+    out.print(f"study.json and report.html in {out_dir}/ ({result['timing']['total_s']:.0f} s)")
+
+
+def _render_study(result: dict) -> None:
+    table = Table("accuracy objective", "HV uniform", "HV APreQEL", "HV union", "gain",
+                  "gain (union)", title="hypervolume (memory, latency, accuracy; paper Table 1)")
+    for acc, hv in result["hypervolume"].items():
+        table.add_row(acc, f"{hv['hv_uniform']:.4f}", f"{hv['hv_apreqel']:.4f}",
+                      f"{hv['hv_union']:.4f}", f"{100 * hv['gain']:+.2f}%",
+                      f"{100 * hv['gain_union']:+.2f}%")
+    out.print(table)
+    rob = result.get("robustness") or {}
+    if rob:
+        t2 = Table("category", *rob["metrics"], title="average difference to the best "
+                   "(paper Table 2)")
+        for row in rob["rows"]:
+            t2.add_row(row["category"], *[_fmt(row["diff"][m], 3) for m in rob["metrics"]])
+        out.print(t2)
+        for metric, best in rob["best"].items():
+            mark = "[green]✓[/]" if best["ok"] else "[red]✗[/]"
+            out.print(f"{mark} best {metric}: {best['name']} ({best['category']})")
+
+
+@app.command()
+@handled
+def report(out_dir: Annotated[Path, typer.Argument(help="a study folder")]) -> None:
+    """Re-render a finished study's report.html from its study.json (seconds)."""
+    import json
+
+    from .study import write_study
+
+    path = out_dir / "study.json"
+    if not path.is_file():
+        fail(f"no study.json in {out_dir}")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        fail(f"study.json is not valid JSON: {exc}")
+    _, html = write_study(data, out_dir)
+    out.print(f"report written to {html}")
 
 
 def main() -> None:  # pragma: no cover - entry point
