@@ -18,6 +18,7 @@ from rich.table import Table
 
 from . import workflow
 from .errors import ApreqelError
+from .limits import build_limits
 from .measure import Protocol, Workspace
 from .model import read_model
 from .plan import distribution_text
@@ -63,6 +64,13 @@ Calibration = Annotated[Path | None, typer.Option(
     "--calibration", help="calibration text for layer scores (default: shipped Tiny "
     "Shakespeare, disjoint from the WikiText-2 evaluation text)")]
 CalTokens = Annotated[int, typer.Option("--calibration-tokens", help="calibration tokens")]
+MaxSize = Annotated[str | None, typer.Option(
+    "--max-size", help="size budget for the parameters, e.g. 90MiB or 1.5GB (exact bytes)")]
+MaxLatency = Annotated[float | None, typer.Option(
+    "--max-latency", help="upper bound on predicted ms per generated token")]
+MaxPpl = Annotated[float | None, typer.Option("--max-ppl", help="upper bound on predicted PPL")]
+MaxKld = Annotated[float | None, typer.Option(
+    "--max-kld", help="upper bound on predicted KL divergence from the reference")]
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -244,16 +252,17 @@ def measure(model: Annotated[Path, typer.Argument(help="any GGUF file")],
 def _plan_common(model: Path | None, weights: str, profile_path: Path | None,
                  types: str | None, outside_type: str, estimator: str, accuracy: str,
                  calibration: Path | None, calibration_tokens: int, protocol: Protocol,
-                 workdir: Path | None) -> tuple[Path, Workspace, dict]:
-    source = _model(model)
+                 workdir: Path | None, limits: dict[str, float]) -> tuple[Path, Workspace, dict]:
     w = parse_weights(weights)
+    source = _model(model)
     workspace = Workspace(workdir)
     with progress_bar("plan") as bar:
         plan_data = workflow.plan(source, w, workspace=workspace, protocol=protocol, types=types,
                                   outside=outside_type, profile_path=profile_path,
                                   estimator=estimator, accuracy=accuracy,
                                   calibration=str(calibration) if calibration else None,
-                                  calibration_tokens=calibration_tokens, progress=bar)
+                                  calibration_tokens=calibration_tokens, limits=limits,
+                                  progress=bar)
     return source, workspace, plan_data
 
 
@@ -264,6 +273,9 @@ def _render_plan(plan_data: dict) -> None:
               f"{w['accuracy']:.3f} → best of {plan_data['candidates']:,} distributions "
               f"(TOPSIS {plan_data['topsis_score']:.4f}, {plan_data['estimator']} estimator, "
               f"accuracy as {plan_data['criteria'][2]})")
+    if plan_data.get("limits"):
+        out.print(f"limits: {plan_data['limits']} → {plan_data['feasible_candidates']:,} "
+                  "distributions fit")
     out.print(f"distribution: {distribution_text(plan_data['distribution'])}  "
               f"({plan_data['bits_per_weight']:.2f} bits/weight)")
     out.print(f"predicted: {_mib(p['memory_bytes'])} MiB (exact {_mib(p['memory_bytes_exact'])}"
@@ -303,12 +315,16 @@ def plan_cmd(model: ModelArg = None, weights: WeightsOpt = "1,1,1",
              accuracy: Accuracy = "ppl", calibration: Calibration = None,
              calibration_tokens: CalTokens = 2048, chunks: Chunks = 8, ctx: Ctx = 512,
              n_gen: NGen = 64, reps: Reps = 5, threads: Threads = None,
-             gpu_layers: GpuLayers = 0, workdir: Workdir = None, json_: Json = False) -> None:
+             gpu_layers: GpuLayers = 0, max_size: MaxSize = None,
+             max_latency: MaxLatency = None, max_ppl: MaxPpl = None, max_kld: MaxKld = None,
+             workdir: Workdir = None, json_: Json = False) -> None:
     """Show the plan for your weights without building it."""
     protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
+    limits = build_limits(max_size=max_size, max_latency=max_latency, max_ppl=max_ppl,
+                          max_kld=max_kld)
     _, _, plan_data = _plan_common(model, weights, profile_path, types, outside_type,
                                    estimator, accuracy, calibration, calibration_tokens,
-                                   protocol, workdir)
+                                   protocol, workdir, limits)
     if output is not None:
         write_json_atomic(output, plan_data)
     if json_:
@@ -330,12 +346,16 @@ def optimize(output: Annotated[Path, typer.Option("-o", "--output", help="the GG
              accuracy: Accuracy = "ppl", calibration: Calibration = None,
              calibration_tokens: CalTokens = 2048, chunks: Chunks = 8, ctx: Ctx = 512,
              n_gen: NGen = 64, reps: Reps = 5, threads: Threads = None,
-             gpu_layers: GpuLayers = 0, workdir: Workdir = None) -> None:
+             gpu_layers: GpuLayers = 0, max_size: MaxSize = None,
+             max_latency: MaxLatency = None, max_ppl: MaxPpl = None, max_kld: MaxKld = None,
+             workdir: Workdir = None) -> None:
     """Plan and build the mixed-precision GGUF that best serves your weights."""
     protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
+    limits = build_limits(max_size=max_size, max_latency=max_latency, max_ppl=max_ppl,
+                          max_kld=max_kld)
     source, workspace, plan_data = _plan_common(
         model, weights, profile_path, types, outside_type, estimator, accuracy, calibration,
-        calibration_tokens, protocol, workdir)
+        calibration_tokens, protocol, workdir, limits)
     _render_plan(plan_data)
     with progress_bar("build") as bar:
         built = workflow.build(plan_data, output, source=source, workspace=workspace,

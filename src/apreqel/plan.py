@@ -49,9 +49,12 @@ def _check_same_model(device_profile: Mapping, layer_profile: Mapping, sha256: s
 
 def make_plan(view: ModelView, sha256: str, device_profile: Mapping, layer_profile: Mapping,
               weights: Sequence[float], /, *, estimator: str = "proportional",
-              accuracy: str = "ppl") -> dict:
+              accuracy: str = "ppl", limits: Mapping[str, float] | None = None) -> dict:
     """Rank every distribution by TOPSIS, allocate by contribution (Algorithm 1), and return
-    the plan with its recipe and predicted metrics."""
+    the plan with its recipe and predicted metrics.
+
+    `limits` (upper bounds on memory_bytes, latency_ms, ppl, kld) restrict the candidates
+    before ranking; memory is bounded with the exact estimate, the rest proportionally."""
     if estimator not in ESTIMATORS:
         raise PlanError(f"unknown estimator '{estimator}' (choose {', '.join(ESTIMATORS)})")
     if accuracy not in ACCURACY_METRICS:
@@ -74,12 +77,31 @@ def make_plan(view: ModelView, sha256: str, device_profile: Mapping, layer_profi
     def exact(z: np.ndarray) -> np.ndarray:
         return exact_memory(z, bytes_by_rank, outside_bytes=outside_bytes)
 
+    limits = dict(limits or {})
+    unknown = set(limits) - set(PREDICTED)
+    if unknown:
+        raise PlanError(f"unknown limit '{sorted(unknown)[0]}' (choose {', '.join(PREDICTED)})")
+    all_costs = cost_matrix(device_profile, columns=PREDICTED)
+
+    def feasible(z: np.ndarray) -> np.ndarray:
+        x = proportional_metrics(z, all_costs)
+        ok = np.ones(z.shape[0], dtype=bool)
+        for j, name in enumerate(PREDICTED):
+            if name in limits:
+                values = exact(z) if name == "memory_bytes" else x[:, j]
+                ok &= values <= limits[name]
+        return ok
+
+    if limits:
+        _check_reachable(limits, all_costs, exact(np.eye(len(types), dtype=np.int64) *
+                                                  len(names)))
     criteria = ("memory_bytes", "latency_ms", accuracy)
     ranking = rank_distributions(len(names), cost_matrix(device_profile, columns=criteria),
-                                 weights, memory_column=exact if estimator == "exact" else None)
+                                 weights, memory_column=exact if estimator == "exact" else None,
+                                 feasible=feasible if limits else None)
     z = np.array([ranking.distribution])
-    predicted = dict(zip(PREDICTED, proportional_metrics(
-        z, cost_matrix(device_profile, columns=PREDICTED))[0].tolist(), strict=True))
+    predicted = dict(zip(PREDICTED, proportional_metrics(z, all_costs)[0].tolist(),
+                         strict=True))
     predicted["memory_bytes_exact"] = float(exact(z)[0])
     assignment = allocate(scores, ranking.distribution, tiebreak=cosines)
     sublayer_types = [types[i] for i in assignment]
@@ -99,6 +121,8 @@ def make_plan(view: ModelView, sha256: str, device_profile: Mapping, layer_profi
         "outside_type": outside.name,
         "distribution": dict(zip([q.name for q in types], ranking.distribution, strict=True)),
         "candidates": ranking.n_candidates,
+        "limits": limits,
+        "feasible_candidates": ranking.n_feasible,
         "topsis_score": ranking.score,
         "allocation": {n: q.name for n, q in zip(names, sublayer_types, strict=True)},
         "predicted": predicted,
@@ -113,6 +137,18 @@ def make_plan(view: ModelView, sha256: str, device_profile: Mapping, layer_profi
     }
     plan["plan_id"] = plan_id(plan)
     return plan
+
+
+def _check_reachable(limits: Mapping[str, float], costs: np.ndarray,
+                     uniform_memory: np.ndarray) -> None:
+    """Name the limit no distribution can meet (each metric's best is a uniform type's)."""
+    best = {name: float(costs[:, j].min()) for j, name in enumerate(PREDICTED)}
+    best["memory_bytes"] = float(uniform_memory.min())
+    for name, bound in limits.items():
+        if best[name] > bound:
+            shown = f"{best[name] / 2**20:.1f} MiB" if name == "memory_bytes" else f"{best[name]:g}"
+            raise PlanError(f"no distribution meets the {name} limit: the best possible with "
+                            f"these types is {shown}")
 
 
 def canonical_sha256(data: object) -> str:

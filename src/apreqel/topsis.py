@@ -26,6 +26,7 @@ TIE_TOLERANCE = 1e-12
 _BLOCK_ROWS = 32_768  # rows scored at once: small enough for the temporaries to stay in cache
 
 MemoryColumn = Callable[[np.ndarray], np.ndarray]
+Feasible = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Ranking:
     n_candidates: int
     ideal: tuple[float, ...]
     anti_ideal: tuple[float, ...]
+    n_feasible: int = 0  # candidates that satisfied `feasible` (all of them when none given)
 
 
 def topsis(
@@ -67,6 +69,7 @@ def rank_distributions(
     weights: Sequence[float],
     *,
     memory_column: MemoryColumn | None = None,
+    feasible: Feasible | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Ranking:
     """Rank every distribution of L sublayers over the M types of `costs` by TOPSIS.
@@ -98,14 +101,26 @@ def rank_distributions(
             for start in range(0, chunk.shape[0], _BLOCK_ROWS):
                 yield chunk[start : start + _BLOCK_ROWS]
 
+    def allowed(z: np.ndarray) -> np.ndarray | None:
+        return None if feasible is None else np.asarray(feasible(z), dtype=bool)
+
     sum_squares = np.zeros(n_metrics)
     low = np.full(n_metrics, np.inf)
     high = np.full(n_metrics, -np.inf)
+    n_feasible = 0
     for z in blocks():
+        ok = allowed(z)
+        if ok is not None:
+            z = z[ok]
+        if z.shape[0] == 0:
+            continue
+        n_feasible += z.shape[0]
         x = estimate(z)
         sum_squares += np.einsum("jk,jk->j", x, x)
         np.minimum(low, x.min(axis=1), out=low)
         np.maximum(high, x.max(axis=1), out=high)
+    if n_feasible == 0:
+        raise InputError("no distribution of the types meets the given limits")
 
     norms = np.sqrt(sum_squares)
     scale = np.divide(w, norms, out=np.zeros_like(w), where=norms > 0)
@@ -114,6 +129,9 @@ def rank_distributions(
 
     best = _FirstBest()
     for z in blocks():
+        ok = allowed(z)
+        if ok is not None:
+            z = z[ok]
         best.update(_closeness(estimate(z) * scale[:, np.newaxis], ideal, anti), z)
 
     winner = best.distribution()
@@ -124,6 +142,7 @@ def rank_distributions(
         n_candidates=n_candidates,
         ideal=tuple(float(v) for v in raw_ideal),
         anti_ideal=tuple(float(v) for v in raw_anti),
+        n_feasible=n_feasible,
     )
 
 

@@ -98,7 +98,7 @@ def plan(source: Path, weights: Sequence[float], /, *, workspace: Workspace,
          protocol: Protocol, types: str | None = None, outside: str = "q8_0",
          profile_path: str | Path | None = None, estimator: str = "proportional",
          accuracy: str = "ppl", calibration: str | None = None, calibration_tokens: int = 2048,
-         progress: Progress = _quiet) -> dict:
+         limits: dict[str, float] | None = None, progress: Progress = _quiet) -> dict:
     """The plan for `weights`: device profile + layer profile + TOPSIS + Algorithm 1."""
     view = read_model(source)
     dev = device_profile(source, workspace=workspace, protocol=protocol, types=types,
@@ -107,7 +107,7 @@ def plan(source: Path, weights: Sequence[float], /, *, workspace: Workspace,
                            n_tokens=calibration_tokens, threads=protocol.threads,
                            progress=progress)
     return make_plan(view, workspace.sha256(source), dev, layers, weights,
-                     estimator=estimator, accuracy=accuracy)
+                     estimator=estimator, accuracy=accuracy, limits=limits)
 
 
 def build(plan_data: dict, out: Path, /, *, source: Path, workspace: Workspace,
