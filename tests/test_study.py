@@ -1,0 +1,107 @@
+"""The paper's evaluation end to end on the real default model, with a tiny budget."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from apreqel import study as study_module
+from apreqel.configs import WeightConfig
+from apreqel.measure import Protocol, Workspace
+from apreqel.resources import default_model_path
+
+pytestmark = pytest.mark.integration
+
+TINY = Protocol(chunks=1, n_ctx=512, n_gen=4, reps=2, threads=2)
+CONFIGS = (
+    WeightConfig("mem", "Memory", (0.8, 0.1, 0.1)),
+    WeightConfig("acc", "Accuracy", (0.1, 0.1, 0.8)),
+    WeightConfig("mem-again", "Memory", (0.8, 0.1, 0.1)),
+    WeightConfig("fair", "Fairness", (1 / 3, 1 / 3, 1 / 3)),
+)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    return Workspace(tmp_path_factory.mktemp("study-work"))
+
+
+def _run(out: Path, workspace: Workspace, configs=CONFIGS) -> dict:
+    return study_module.run_study(default_model_path(), out, workspace=workspace,
+                                  protocol=TINY, configs=configs, types="q4_0,q5_0,q8_0",
+                                  calibration_tokens=256)
+
+
+def test_interrupted_study_resumes_without_measuring_twice(
+        workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = study_module.measure_file
+    calls: list[Path] = []
+
+    def interrupt_on_second(path: Path, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(study_module, "measure_file", interrupt_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, workspace)
+    assert not (tmp_path / "study.json").exists()
+    assert not list(tmp_path.rglob("*.part"))
+
+    calls.clear()
+    monkeypatch.setattr(study_module, "measure_file",
+                        lambda path, **kw: calls.append(path) or real(path, **kw))
+    result = _run(tmp_path, workspace)
+    first_plan = result["models"][0]["gguf"]
+    # the first model was measured before the interruption: never again
+    assert all(not str(p).endswith(first_plan) for p in calls)
+    assert len(result["models"]) == len(CONFIGS)
+
+
+def test_study_outputs(workspace: Workspace, tmp_path: Path) -> None:
+    result = _run(tmp_path, workspace)
+    saved = json.loads((tmp_path / "study.json").read_text())
+    assert saved["models"] == json.loads(json.dumps(result["models"]))
+    assert [u["name"] for u in saved["uniform"]] == ["q8_0", "q5_0", "q4_0"]
+    by_name = {m["name"]: m for m in saved["models"]}
+    # identical weights give the identical plan, built and measured once
+    assert by_name["mem-again"]["same_as"] == "mem"
+    assert by_name["mem-again"]["plan_id"] == by_name["mem"]["plan_id"]
+    assert by_name["mem"]["measured"] == by_name["mem-again"]["measured"]
+    assert len(list((tmp_path / "models").glob("*.gguf"))) == len(
+        {m["plan_id"] for m in saved["models"]})
+    for model in saved["models"]:
+        assert model["measured"]["memory_bytes"] > 0
+        assert sum(model["distribution"].values()) == 60
+    hv = saved["hypervolume"]["ppl"]
+    assert hv["hv_uniform"] > 0
+    assert hv["gain"] == pytest.approx((hv["hv_apreqel"] - hv["hv_uniform"]) / hv["hv_uniform"])
+    assert hv["hv_union"] >= max(hv["hv_uniform"], hv["hv_apreqel"]) - 1e-12
+    assert len(saved["pareto"]["models"]) == len(CONFIGS)
+    assert len(saved["pareto"]["uniform"]) == 3
+    assert any(saved["pareto"]["uniform"] + saved["pareto"]["models"])
+    assert {row["category"] for row in saved["robustness"]["rows"]} >= {"Memory", "Accuracy"}
+    assert len(saved["contribution"]["sublayers"]) == 60
+    html = (tmp_path / "report.html").read_text()
+    assert "mem-again" in html and "<svg" in html
+
+
+def test_report_rerenders_from_study_json(workspace: Workspace, tmp_path: Path) -> None:
+    _run(tmp_path, workspace, configs=CONFIGS[:1])
+    (tmp_path / "report.html").unlink()
+    done = subprocess.run([sys.executable, "-m", "apreqel.cli", "report", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "report.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def test_report_without_study_fails_in_one_line(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "apreqel.cli", "report", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [f"error: no study.json in {tmp_path}"]
