@@ -15,9 +15,10 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import numpy as np
@@ -331,9 +332,56 @@ class SparseLogprobs:
         return cls(offsets, cols.astype(np.int32), logp[rows, cols].astype(np.float32),
                    logp.argmax(axis=1).astype(np.int32))
 
+    @cached_property
+    def probs(self) -> np.ndarray:
+        """exp(values), float64: the reference's probabilities of the kept tokens."""
+        return np.exp(self.values.astype(np.float64))
+
+    @cached_property
+    def row_terms(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per row: sum p*log p and sum p over the kept tokens (the model-free part of KL)."""
+        starts = self.offsets[:-1]
+        return (np.add.reduceat(self.probs * self.values, starts),
+                np.add.reduceat(self.probs, starts))
+
+    def flat_index(self, n_vocab: int) -> np.ndarray:
+        """Positions of the kept entries in a row-major (rows, n_vocab) logits array."""
+        rows = np.repeat(np.arange(len(self.argmax), dtype=np.int64), np.diff(self.offsets))
+        return rows * n_vocab + self.indices
+
+    def kl_divergence(self, logits: np.ndarray, lse: np.ndarray, flat: np.ndarray) -> np.ndarray:
+        """KL(reference || model) per row: sum p (log p - logits + lse) over kept tokens."""
+        plogp, psum = self.row_terms
+        cross = np.add.reduceat(self.probs * np.take(logits, flat), self.offsets[:-1])
+        return plogp - cross + lse * psum
+
+
+@cache
+def _row_pool() -> ThreadPoolExecutor:
+    """Threads for row-parallel numpy work (numpy releases the GIL inside its loops)."""
+    return ThreadPoolExecutor(max_workers=default_threads(), thread_name_prefix="apreqel-rows")
+
 
 def row_logsumexp(logits: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """log(sum(exp(row))) of each row in float32, shifting by the row max only when needed
+    """log(sum(exp(row))) of each row in float32, on blocks of rows in parallel threads: the
+    exp over the whole vocabulary is most of the Python side of perplexity evaluation."""
+    workers = min(default_threads(), max(1, len(logits) // 16))
+    if workers == 1:
+        return _row_logsumexp(logits, scratch)
+    out = np.empty(len(logits), dtype=np.float32)
+    bounds = np.linspace(0, len(logits), workers + 1).astype(int)
+
+    def block(a: int, b: int) -> None:
+        out[a:b] = _row_logsumexp(logits[a:b], scratch[a:b])
+
+    pool = _row_pool()
+    for done in [pool.submit(block, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]:
+        done.result()
+    return out
+
+
+def _row_logsumexp(logits: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """row_logsumexp in this thread, shifting by the row max only when needed
     (exp of logits below 60 cannot overflow a float32 sum of 2^20 terms)."""
     top = logits.max(axis=1)
     if top.max() > 60.0 or top.min() < -60.0:
@@ -375,10 +423,8 @@ def perplexity_chunks(session: Session, tokens: np.ndarray, /, *, n_ctx: int, n_
         kld = same = None
         if reference is not None:
             ref = reference[i]
-            row_of = np.repeat(rows, np.diff(ref.offsets))
-            p = np.exp(ref.values)
-            terms = p * (ref.values - logits[row_of, ref.indices] + lse[row_of])
-            kld = np.bincount(row_of, weights=terms, minlength=n_scored)
+            kld = ref.kl_divergence(logits, lse.astype(np.float64),
+                                    ref.flat_index(session.n_vocab))
             same = logits.argmax(axis=1) == ref.argmax
         if keep_logprobs is not None:
             keep_logprobs(i, logits - lse[:, None])

@@ -283,11 +283,11 @@ def measure_types(source: Path, /, *, types: str | None = None, outside: str = "
                   progress: Progress = _quiet) -> dict:
     """The device profile: every uniform type built from the F16 reference and measured."""
     started = time.time()
+    view = read_model(source)
+    ladder = order_types(view, resolve_types(types, view))  # bad names fail before any work
+    outside_type = qtype(outside)
     reference = ensure_reference(source, workspace=workspace, protocol=protocol,
                                  progress=progress)
-    view = reference.source
-    ladder = order_types(view, resolve_types(types, view))
-    outside_type = qtype(outside)
     folder = workspace.model_dir(reference.source_sha256)
     ref_key = measurement_key({"reference": "f16"}, reference, protocol)
     ref_metrics = cached_measurement(workspace, ref_key, lambda: measure_file(

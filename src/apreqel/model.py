@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import re
+import struct
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader
 
 from .errors import InputError, ModelError
 from .qtypes import QType, effective_type, from_ggml, quantizable
@@ -88,6 +90,7 @@ class ModelView:
     outside: tuple[Tensor, ...]  # token embedding, output, final norm, per-block extras
     add_bos: bool
     file_bytes: int
+    plan_id: str | None = None  # set in files built by apreqel
 
     @property
     def tensors(self) -> tuple[Tensor, ...]:
@@ -134,11 +137,6 @@ def _tensor_dict(t: Tensor) -> dict:
     return {"name": t.name, "shape": list(t.shape), "type": t.qtype.name, "bytes": t.n_bytes}
 
 
-def _field(reader: GGUFReader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
 def check_gguf_path(path: str | Path) -> Path:
     """Fail with one line unless `path` is an existing file that starts like a GGUF."""
     p = Path(path)
@@ -160,26 +158,92 @@ def _sublayer_kind(rest: str) -> str | None:
     return None
 
 
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+            10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def _read_header(p: Path) -> tuple[dict, list[tuple[str, tuple[int, ...], int, int]], int]:
+    """Scalar metadata, tensor infos (name, shape, ggml type, offset) and data start of a GGUF.
+
+    A plain reader of the GGUF v2/v3 header: gguf-py's GGUFReader builds numpy views of every
+    tokenizer string (seconds per file), which the model view does not need.
+    """
+    with p.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        pos = 0
+
+        def take(fmt: str):
+            nonlocal pos
+            (value,) = struct.unpack_from(fmt, buf, pos)
+            pos += struct.calcsize(fmt)
+            return value
+
+        def string() -> str:
+            nonlocal pos
+            n = take("<Q")
+            pos += n
+            return bytes(buf[pos - n:pos]).decode("utf-8", "replace")
+
+        def value(kind: int):
+            nonlocal pos
+            if kind in _SCALARS:
+                return take(_SCALARS[kind])
+            if kind == _STRING:
+                return string()
+            if kind == _ARRAY:
+                item, count = take("<I"), take("<Q")
+                if item in _SCALARS:
+                    pos += count * struct.calcsize(_SCALARS[item])
+                else:
+                    for _ in range(count):
+                        value(item)
+                return None  # arrays are skipped: the model view needs none
+            raise ValueError(f"unknown metadata value type {kind}")
+
+        pos = 4
+        version = take("<I")
+        if version not in (2, 3):
+            raise ValueError(f"unsupported GGUF version {version}")
+        n_tensors, n_kv = take("<Q"), take("<Q")
+        kv = {}
+        for _ in range(n_kv):
+            key = string()
+            kv[key] = value(take("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            dims = tuple(take("<Q") for _ in range(take("<I")))
+            infos.append((name, dims, take("<I"), take("<Q")))
+        alignment = int(kv.get("general.alignment") or 32)
+        return kv, infos, (pos + alignment - 1) // alignment * alignment
+
+
 def read_model(path: str | Path) -> ModelView:
     """Read a GGUF file's metadata and tensor table and group the tensors into sublayers."""
     p = check_gguf_path(path)
-    size = p.stat().st_size
+    st = p.stat()
+    return _read_model(p.resolve(), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _read_model(p: Path, size: int, _mtime_ns: int) -> ModelView:
     try:
-        reader = GGUFReader(p)
-    except Exception as exc:  # gguf raises ValueError/IndexError/struct errors on bad files
+        kv, infos, data_start = _read_header(p)
+    except (ValueError, struct.error, UnicodeDecodeError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"cannot read GGUF file {p} (truncated or corrupt: {detail})") from None
-    arch = _field(reader, "general.architecture")
+    arch = kv.get("general.architecture")
     if not arch:
         raise ModelError(f"GGUF file has no general.architecture: {p}")
     tensors: list[Tensor] = []
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
+    for name, shape, ggml_type, offset in infos:
+        qt = from_ggml(ggml_type)
+        n_bytes = int(np.prod(shape)) // qt.block_size * qt.type_size
+        end = data_start + offset + n_bytes
         if end > size:
-            raise ModelError(f"truncated GGUF file: tensor {t.name} ends at byte {end}, "
+            raise ModelError(f"truncated GGUF file: tensor {name} ends at byte {end}, "
                              f"file has {size}: {p}")
-        tensors.append(Tensor(t.name, tuple(int(d) for d in t.shape), from_ggml(t.tensor_type),
-                              int(t.n_bytes)))
+        tensors.append(Tensor(name, shape, qt, n_bytes))
     groups: dict[tuple[int, str], list[Tensor]] = {}
     outside: list[Tensor] = []
     for t in tensors:
@@ -189,7 +253,7 @@ def read_model(path: str | Path) -> ModelView:
             groups.setdefault((int(m.group(1)), kind), []).append(t)
         else:
             outside.append(t)
-    n_blocks = int(_field(reader, f"{arch}.block_count", 0) or 0)
+    n_blocks = int(kv.get(f"{arch}.block_count") or 0)
     if not groups:
         raise ModelError(f"no blk.N.attn_*/blk.N.ffn_* tensors found in {p}: "
                          f"architecture '{arch}' cannot be mapped onto sublayers")
@@ -203,11 +267,11 @@ def read_model(path: str | Path) -> ModelView:
                          f"{' ...' if len(missing) > 4 else ''} in {p}")
     sublayers = tuple(Sublayer(b, k, tuple(groups[(b, k)]))
                       for b in range(n_blocks) for k in ("attn", "ffn"))
-    file_type = _dominant_type(tensors)
     return ModelView(
-        path=p, architecture=str(arch), name=str(_field(reader, "general.name", p.stem)),
-        n_blocks=n_blocks, file_type=file_type, sublayers=sublayers, outside=tuple(outside),
-        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", True)), file_bytes=size,
+        path=p, architecture=str(arch), name=str(kv.get("general.name") or p.stem),
+        n_blocks=n_blocks, file_type=_dominant_type(tensors), sublayers=sublayers,
+        outside=tuple(outside), add_bos=bool(kv.get("tokenizer.ggml.add_bos_token", True)),
+        file_bytes=size, plan_id=kv.get("apreqel.plan_id"),
     )
 
 

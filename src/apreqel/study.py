@@ -14,7 +14,6 @@ import numpy as np
 
 from . import __version__
 from .analysis import robustness_table
-from .build import read_embedded_plan
 from .configs import PAPER_CONFIGS, WeightConfig
 from .measure import (
     Progress,
@@ -72,7 +71,7 @@ def run_study(source: Path, out_dir: Path, /, *, workspace: Workspace, protocol:
         pid = plan["plan_id"]
         gguf = out_dir / "models" / f"{pid}.gguf"
         t0 = time.time()
-        if not (gguf.exists() and (read_embedded_plan(gguf) or {}).get("plan_id") == pid):
+        if not (gguf.exists() and read_model(gguf).plan_id == pid):
             tick("building", 0.1)
             build(plan, gguf, source=source, workspace=workspace, threads=protocol.threads)
         t1 = time.time()

@@ -41,6 +41,8 @@ def layer_profile(source: Path, /, *, workspace: Workspace, calibration: str | N
     """Contribution scores of every sublayer, computed on the F16 reference and cached."""
     if n_tokens < 2:
         raise InputError(f"calibration tokens must be at least 2, got {n_tokens}")
+    if not -1.0 <= gamma <= 1.0:
+        raise InputError(f"gamma {gamma} is outside [-1, 1]")
     text, text_name = read_calibration(calibration)
     sha = workspace.sha256(source)
     key = hashlib.sha256(json.dumps([sha, hashlib.sha256(text.encode()).hexdigest(), n_tokens,
