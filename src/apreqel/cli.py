@@ -442,7 +442,12 @@ def study(model: ModelArg = None,
           estimator: Estimator = "proportional", accuracy: Accuracy = "ppl",
           calibration: Calibration = None, calibration_tokens: CalTokens = 2048,
           chunks: Chunks = 8, ctx: Ctx = 512, n_gen: NGen = 64, reps: Reps = 5,
-          threads: Threads = None, gpu_layers: GpuLayers = 0, workdir: Workdir = None) -> None:
+          threads: Threads = None, gpu_layers: GpuLayers = 0,
+          interleave: Annotated[bool, typer.Option(
+              "--interleave/--no-interleave", help="re-time all models in interleaved rounds "
+              "(robust to a machine whose speed drifts); --no-interleave keeps each model's "
+              "own llama-bench run, as the paper")] = True,
+          workdir: Workdir = None) -> None:
     """The paper's evaluation: every configuration built and measured, Pareto front,
     hypervolume against the uniform types, robustness table, HTML report. Resumable."""
     from .configs import PAPER_CONFIGS, parse_configs
@@ -459,7 +464,7 @@ def study(model: ModelArg = None,
                            protocol=protocol, configs=chosen, types=types, outside=outside_type,
                            accuracy=accuracy, estimator=estimator,
                            calibration=str(calibration) if calibration else None,
-                           calibration_tokens=calibration_tokens,
+                           calibration_tokens=calibration_tokens, interleave=interleave,
                            command=" ".join(["apreqel", *sys.argv[1:]]), progress=bar)
     _render_study(result)
     out.print(f"study.json and report.html in {out_dir}/ ({result['timing']['total_s']:.0f} s)")
@@ -475,10 +480,13 @@ def _render_study(result: dict) -> None:
     out.print(table)
     rob = result.get("robustness") or {}
     if rob:
-        t2 = Table("category", *rob["metrics"], title="average difference to the best "
-                   "(paper Table 2)")
+        names = {"memory_bytes": "memory (MiB)", "latency_ms": "latency (ms)"}
+        t2 = Table("category", *[names.get(m, m) for m in rob["metrics"]],
+                   title="average difference to the best (paper Table 2)")
         for row in rob["rows"]:
-            t2.add_row(row["category"], *[_fmt(row["diff"][m], 3) for m in rob["metrics"]])
+            t2.add_row(row["category"], *[
+                _mib(row["diff"][m]) if m == "memory_bytes" and row["diff"][m] is not None
+                else _fmt(row["diff"][m], 3) for m in rob["metrics"]])
         out.print(t2)
         for metric, best in rob["best"].items():
             mark = "[green]✓[/]" if best["ok"] else "[red]✗[/]"

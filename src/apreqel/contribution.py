@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .allocation import rank_order
 from .errors import InputError
 
 DEFAULT_GAMMA = 0.9
@@ -31,8 +32,7 @@ class Contribution:
     def order(self) -> np.ndarray:
         """Sublayer indices from most to least important: score descending, then mean cosine
         ascending (a larger change is more important), then index (deterministic)."""
-        idx = np.arange(len(self.reward))
-        return np.lexsort((idx, self.mean_cosine, -self.score))
+        return rank_order(self.score, tiebreak=self.mean_cosine)
 
     def ranks(self) -> np.ndarray:
         """Rank of each sublayer (0 = most important)."""

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -288,7 +288,6 @@ def measure_types(source: Path, /, *, types: str | None = None, outside: str = "
     outside_type = qtype(outside)
     reference = ensure_reference(source, workspace=workspace, protocol=protocol,
                                  progress=progress)
-    folder = workspace.model_dir(reference.source_sha256)
     ref_key = measurement_key({"reference": "f16"}, reference, protocol)
     ref_metrics = cached_measurement(workspace, ref_key, lambda: measure_file(
         reference.path, protocol=protocol, reference=reference,
@@ -296,14 +295,11 @@ def measure_types(source: Path, /, *, types: str | None = None, outside: str = "
     per_type: dict[str, dict] = {}
     for q in ladder:
         recipe = tensor_recipe(view, [q] * len(view.sublayers), outside=outside_type)
-        gguf = folder / f"uniform-{q.name}-{outside_type.name}.gguf"
 
-        def compute(q: QType = q, recipe: dict = recipe, gguf: Path = gguf) -> dict:
-            if not gguf.exists():
-                progress(f"{q.name}: quantizing", 0.0)
-                with atomic_path(gguf, suffix=".gguf") as tmp:
-                    engine.quantize(reference.path, tmp, tensor_types=recipe, base=q.name,
-                                    threads=protocol.threads)
+        def compute(q: QType = q) -> dict:
+            progress(f"{q.name}: quantizing", 0.0)
+            gguf = uniform_gguf(reference, q, outside=outside_type, workspace=workspace,
+                                threads=protocol.threads)
             result = measure_file(gguf, protocol=protocol, reference=reference,
                                   progress=lambda w, f: progress(f"{q.name}: {w}", f))
             if not keep_models:
@@ -338,6 +334,37 @@ def measure_types(source: Path, /, *, types: str | None = None, outside: str = "
         "uniform": per_type,
         "elapsed_s": round(time.time() - started, 1),
     }
+
+
+def uniform_gguf(reference: Reference, q: QType, /, *, outside: QType, workspace: Workspace,
+                 threads: int = 0) -> Path:
+    """The uniform model of type `q` built from the reference (kept in the work directory)."""
+    view = reference.source
+    gguf = workspace.model_dir(reference.source_sha256) / f"uniform-{q.name}-{outside.name}.gguf"
+    if not gguf.exists():
+        recipe = tensor_recipe(view, [q] * len(view.sublayers), outside=outside)
+        with atomic_path(gguf, suffix=".gguf") as tmp:
+            engine.quantize(reference.path, tmp, tensor_types=recipe, base=q.name,
+                            threads=threads)
+    return gguf
+
+
+def interleaved_latency(paths: Mapping[str, Path], /, *, protocol: Protocol,
+                        progress: Progress = _quiet) -> dict[str, tuple[float, float]]:
+    """ms per generated token of several models, measured in rounds (every model once per
+    round, `protocol.reps` rounds) so that a machine whose speed drifts over minutes biases
+    none of them; each round is one llama-bench tg run after a warm-up. Returns mean, std."""
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    total = protocol.reps * len(paths)
+    for r in range(protocol.reps):
+        for k, (name, path) in enumerate(paths.items()):
+            with engine.open_session(path, n_ctx=protocol.n_ctx, threads=protocol.threads,
+                                     gpu_layers=protocol.gpu_layers) as s:
+                timing = engine.time_generation(s, n_gen=protocol.n_gen, reps=1, seed=r)
+            samples[name].append(timing.ms_per_token[0])
+            progress(f"round {r + 1}/{protocol.reps}", (r * len(paths) + k + 1) / total)
+    return {name: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+            for name, v in samples.items()}
 
 
 def _effective_counts(view: ModelView, q: QType) -> dict[str, int]:

@@ -61,13 +61,19 @@ def hypervolume(points: np.ndarray, /, ref: np.ndarray, *, maximise: bool = Fals
     return float(moocore.hypervolume(values, ref=reference, maximise=maximise))
 
 
-def compare_sets(baseline: np.ndarray, candidates: np.ndarray, /) -> HypervolumeComparison:
+def compare_sets(baseline: np.ndarray, candidates: np.ndarray, /, *,
+                 margin: float = 0.0) -> HypervolumeComparison:
     """Hypervolume gain of candidates over a baseline (minimised objectives, paper protocol).
 
     The reference point is the worst value of each objective in the baseline; all points are
     normalised as described by ``NORMALISATION``. gain = (hv_candidates - hv_baseline) /
     hv_baseline, and likewise for the union; both are NaN when hv_baseline is 0.
+    With the paper's reference point a baseline point that is worst in any objective adds no
+    volume; `margin` > 0 moves the normalised reference point to (1 + margin, ...), the usual
+    remedy, so that extreme points count too.
     """
+    if not margin >= 0:
+        raise InputError(f"margin must be >= 0, got {margin}")
     base = _as_points(baseline)
     cand = _as_points(candidates)
     if base.shape[0] == 0:
@@ -78,7 +84,7 @@ def compare_sets(baseline: np.ndarray, candidates: np.ndarray, /) -> Hypervolume
         )
     ref = base.max(axis=0)
     ideal = np.vstack((base, cand)).min(axis=0)
-    one = np.ones_like(ref)
+    one = np.full_like(ref, 1.0 + margin)
 
     def normalise(points: np.ndarray) -> np.ndarray:
         span = ref - ideal
@@ -97,7 +103,9 @@ def compare_sets(baseline: np.ndarray, candidates: np.ndarray, /) -> Hypervolume
         hv_union=hv_union,
         gain=_relative_gain(hv_cand, hv_base),
         gain_union=_relative_gain(hv_union, hv_base),
-        normalisation=NORMALISATION,
+        normalisation=NORMALISATION + (
+            f"; reference point moved to {1 + margin:g} in every normalised objective"
+            if margin else ""),
     )
 
 

@@ -359,12 +359,16 @@ def _summary(study: Mapping[str, Any], n_uni: int, models: Sequence[Mapping[str,
     head = _th("Accuracy objective", "Objectives", "HV uniform", "HV APreQEL", "HV union",
                "Gain", "Gain (union)")
     rows, notes = [], []
-    for key in ("ppl", "kld"):
+    for key in ("ppl", "kld", "ppl+margin", "kld+margin"):
         hv = _get(study, "hypervolume", key)
         hv = hv if isinstance(hv, Mapping) else {}
+        if not hv and "+" in key:
+            continue
+        base, _, variant = key.partition("+")
+        label = UNIT[base][0] + (" (reference point +10%)" if variant else "")
         objs = [str(o) for o in hv.get("objectives") or []]
         rows.append([
-            (UNIT[key][0], "name"),
+            (label, "name"),
             ", ".join(objs) if objs else DASH,
             (_fmt(hv.get("hv_uniform"), 4), "num"),
             (_fmt(hv.get("hv_apreqel"), 4), "num"),
@@ -376,7 +380,7 @@ def _summary(study: Mapping[str, Any], n_uni: int, models: Sequence[Mapping[str,
             ideal, ref = hv.get("ideal") or [], hv.get("ref") or []
             pts = [(f"{_label(o)}: {_objective(o, _get(ideal, i))} → {_objective(o, _get(ref, i))}")
                    for i, o in enumerate(objs)]
-            notes.append(f"<li><b>{_e(UNIT[key][0])}</b>: {_e(hv.get('normalisation') or DASH)}. "
+            notes.append(f"<li><b>{_e(label)}</b>: {_e(hv.get('normalisation') or DASH)}. "
                          f"Ideal → reference point: {_e('; '.join(pts) or DASH)}.</li>")
     table = _table(head, rows, "No hypervolume.", 7)
     gain_def = ("<p class=note>Gain = (HV<sub>APreQEL</sub> − HV<sub>uniform</sub>) / "
