@@ -252,8 +252,11 @@ def measure(model: Annotated[Path, typer.Argument(help="any GGUF file")],
 def _plan_common(model: Path | None, weights: str, profile_path: Path | None,
                  types: str | None, outside_type: str, estimator: str, accuracy: str,
                  calibration: Path | None, calibration_tokens: int, protocol: Protocol,
-                 workdir: Path | None, limits: dict[str, float]) -> tuple[Path, Workspace, dict]:
+                 workdir: Path | None, max_size: str | None, max_latency: float | None,
+                 max_ppl: float | None, max_kld: float | None) -> tuple[Path, Workspace, dict]:
     w = parse_weights(weights)
+    limits = build_limits(max_size=max_size, max_latency=max_latency, max_ppl=max_ppl,
+                          max_kld=max_kld)
     source = _model(model)
     workspace = Workspace(workdir)
     with progress_bar("plan") as bar:
@@ -320,11 +323,9 @@ def plan_cmd(model: ModelArg = None, weights: WeightsOpt = "1,1,1",
              workdir: Workdir = None, json_: Json = False) -> None:
     """Show the plan for your weights without building it."""
     protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
-    limits = build_limits(max_size=max_size, max_latency=max_latency, max_ppl=max_ppl,
-                          max_kld=max_kld)
     _, _, plan_data = _plan_common(model, weights, profile_path, types, outside_type,
                                    estimator, accuracy, calibration, calibration_tokens,
-                                   protocol, workdir, limits)
+                                   protocol, workdir, max_size, max_latency, max_ppl, max_kld)
     if output is not None:
         write_json_atomic(output, plan_data)
     if json_:
@@ -351,11 +352,9 @@ def optimize(output: Annotated[Path, typer.Option("-o", "--output", help="the GG
              workdir: Workdir = None) -> None:
     """Plan and build the mixed-precision GGUF that best serves your weights."""
     protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
-    limits = build_limits(max_size=max_size, max_latency=max_latency, max_ppl=max_ppl,
-                          max_kld=max_kld)
     source, workspace, plan_data = _plan_common(
         model, weights, profile_path, types, outside_type, estimator, accuracy, calibration,
-        calibration_tokens, protocol, workdir, limits)
+        calibration_tokens, protocol, workdir, max_size, max_latency, max_ppl, max_kld)
     _render_plan(plan_data)
     with progress_bar("build") as bar:
         built = workflow.build(plan_data, output, source=source, workspace=workspace,

@@ -59,30 +59,27 @@ def layer_profile(source: Path, /, *, workspace: Workspace, calibration: str | N
     return result
 
 
-def load_device_profile(path: str | Path) -> dict:
-    """Read a device profile JSON written by `apreqel measure-types` (here or on a device)."""
+def _read_json(path: str | Path, what: str) -> object:
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"device profile not found: {p}")
+        raise InputError(f"{what} not found: {p}")
     try:
-        data = json.loads(p.read_text())
+        return json.loads(p.read_text())
     except ValueError as exc:
-        raise InputError(f"device profile is not valid JSON: {p} ({exc})") from None
+        raise InputError(f"{what} is not valid JSON: {p} ({exc})") from None
+
+
+def load_device_profile(path: str | Path) -> dict:
+    """Read a device profile JSON written by `apreqel measure-types` (here or on a device)."""
+    data = _read_json(path, "device profile")
     if not isinstance(data, dict) or data.get("kind") != "apreqel.device-profile":
-        raise InputError(f"not an apreqel device profile: {p}")
+        raise InputError(f"not an apreqel device profile: {path}")
     return data
 
 
 def load_plan(path: str | Path) -> dict:
-    """Read and validate a plan JSON (beside a built GGUF, or from `plan --dry-run -o`)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"plan file not found: {p}")
-    try:
-        data = json.loads(p.read_text())
-    except ValueError as exc:
-        raise InputError(f"plan file is not valid JSON: {p} ({exc})") from None
-    return validate_plan(data)
+    """Read and validate a plan JSON (beside a built GGUF, or from `plan -o`)."""
+    return validate_plan(_read_json(path, "plan file"))
 
 
 def device_profile(source: Path, /, *, workspace: Workspace, protocol: Protocol,
