@@ -12,7 +12,8 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +32,8 @@ from .storage import atomic_path, default_workdir, write_json_atomic
 Progress = Callable[[str, float], None]  # (what is happening, fraction done of this step)
 
 
-def _quiet(_what: str, _fraction: float) -> None:
+def no_progress(_what: str, _fraction: float) -> None:
+    """The default progress callback: report nothing."""
     pass
 
 
@@ -110,7 +112,7 @@ class Reference:
 
 
 def reference_file(source: Path, /, *, workspace: Workspace,
-                   progress: Progress = _quiet) -> Path:
+                   progress: Progress = no_progress) -> Path:
     """The F16 reference of `source`, made once with llama.cpp and kept in the work directory."""
     read_model(source)
     ref_path = workspace.model_dir(workspace.sha256(source)) / "reference-f16.gguf"
@@ -122,7 +124,7 @@ def reference_file(source: Path, /, *, workspace: Workspace,
 
 
 def ensure_reference(source: Path, /, *, workspace: Workspace, protocol: Protocol,
-                     progress: Progress = _quiet) -> Reference:
+                     progress: Progress = no_progress) -> Reference:
     """Make (once) the F16 reference of `source`, its evaluation tokens and its log-probs."""
     view = read_model(source)
     sha = workspace.sha256(source)
@@ -180,7 +182,7 @@ def _reference_logprobs(ref_path: Path, tokens: np.ndarray, protocol: Protocol,
 
 
 def measure_file(path: Path, /, *, protocol: Protocol, reference: Reference | None,
-                 progress: Progress = _quiet, tokens: np.ndarray | None = None) -> dict:
+                 progress: Progress = no_progress, tokens: np.ndarray | None = None) -> dict:
     """Measure one GGUF: parameter bytes, ms per generated token, perplexity and KL divergence."""
     view = read_model(path)
     tokens = reference.tokens if reference is not None else tokens
@@ -216,11 +218,12 @@ def measure_file(path: Path, /, *, protocol: Protocol, reference: Reference | No
 
 
 def _type_counts(view: ModelView) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for t in view.tensors:
-        if t.quantizable:
-            counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
-    return dict(sorted(counts.items()))
+    """How many quantizable tensors of the file have each type."""
+    return _sorted_counts(t.qtype.name for t in view.tensors if t.quantizable)
+
+
+def _sorted_counts(names: Iterable[str]) -> dict[str, int]:
+    return dict(sorted(Counter(names).items()))
 
 
 def cached_measurement(workspace: Workspace, key_parts: dict, compute: Callable[[], dict]) -> dict:
@@ -280,7 +283,7 @@ def order_types(view: ModelView, types: Sequence[QType]) -> tuple[QType, ...]:
 
 def measure_types(source: Path, /, *, types: str | None = None, outside: str = "q8_0",
                   protocol: Protocol, workspace: Workspace, keep_models: bool = False,
-                  progress: Progress = _quiet) -> dict:
+                  progress: Progress = no_progress) -> dict:
     """The device profile: every uniform type built from the F16 reference and measured."""
     started = time.time()
     view = read_model(source)
@@ -350,7 +353,7 @@ def uniform_gguf(reference: Reference, q: QType, /, *, outside: QType, workspace
 
 
 def interleaved_latency(paths: Mapping[str, Path], /, *, protocol: Protocol,
-                        progress: Progress = _quiet) -> dict[str, tuple[float, float]]:
+                        progress: Progress = no_progress) -> dict[str, tuple[float, float]]:
     """ms per generated token of several models, measured in rounds (every model once per
     round, `protocol.reps` rounds) so that a machine whose speed drifts over minutes biases
     none of them; each round is one llama-bench tg run after a warm-up. Returns mean, std."""
@@ -368,10 +371,6 @@ def interleaved_latency(paths: Mapping[str, Path], /, *, protocol: Protocol,
 
 
 def _effective_counts(view: ModelView, q: QType) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for s in view.sublayers:
-        for t in s.tensors:
-            if t.quantizable:
-                name = t.type_as(q).name
-                counts[name] = counts.get(name, 0) + 1
-    return dict(sorted(counts.items()))
+    """How many sublayer tensors really get each type when `q` is asked for."""
+    return _sorted_counts(t.type_as(q).name for s in view.sublayers for t in s.tensors
+                          if t.quantizable)

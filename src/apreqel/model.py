@@ -49,8 +49,7 @@ class Tensor:
         """Exact bytes if quantized to `requested` (after llama.cpp's fallback), else as stored."""
         if not self.quantizable:
             return self.n_bytes
-        real = effective_type(requested, self.shape[0])
-        return self.n_elements // real.block_size * real.type_size
+        return effective_type(requested, self.shape[0]).tensor_bytes(self.n_elements)
 
     def type_as(self, requested: QType) -> QType:
         """The type this tensor really gets when `requested` is asked for."""
@@ -238,7 +237,7 @@ def _read_model(p: Path, size: int, _mtime_ns: int) -> ModelView:
     tensors: list[Tensor] = []
     for name, shape, ggml_type, offset in infos:
         qt = from_ggml(ggml_type)
-        n_bytes = int(np.prod(shape)) // qt.block_size * qt.type_size
+        n_bytes = qt.tensor_bytes(int(np.prod(shape)))
         end = data_start + offset + n_bytes
         if end > size:
             raise ModelError(f"truncated GGUF file: tensor {name} ends at byte {end}, "

@@ -35,6 +35,10 @@ class QType:
     def bits_per_weight(self) -> float:
         return 8.0 * self.type_size / self.block_size
 
+    def tensor_bytes(self, n_elements: int) -> int:
+        """Bytes of `n_elements` weights in this type (a whole number of blocks)."""
+        return n_elements // self.block_size * self.type_size
+
     def row_bytes(self, n_cols: int) -> int:
         """Bytes of one row of `n_cols` weights in this type (n_cols a multiple of the block)."""
         return n_cols // self.block_size * self.type_size

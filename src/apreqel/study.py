@@ -26,6 +26,7 @@ from .measure import (
     interleaved_latency,
     measure_file,
     measurement_key,
+    no_progress,
     uniform_gguf,
 )
 from .model import read_model
@@ -42,16 +43,12 @@ OBJECTIVES = ("memory_bytes", "latency_ms")
 HV_MARGIN = 0.1
 
 
-def _quiet(_what: str, _fraction: float) -> None:
-    pass
-
-
 def run_study(source: Path, out_dir: Path, /, *, workspace: Workspace, protocol: Protocol,
               configs: Sequence[WeightConfig] = PAPER_CONFIGS, types: str | None = None,
               outside: str = "q8_0", accuracy: str = "ppl", estimator: str = "proportional",
               calibration: str | None = None, calibration_tokens: int = 2048,
               interleave: bool = True, command: str | None = None,
-              progress: Progress = _quiet) -> dict:
+              progress: Progress = no_progress) -> dict:
     """Plan, build and measure every configuration (each distinct plan once), analyse, report."""
     started = time.time()
     out_dir = Path(out_dir)

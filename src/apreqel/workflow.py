@@ -22,6 +22,7 @@ from .measure import (
     ensure_reference,
     measure_file,
     measure_types,
+    no_progress,
     reference_file,
 )
 from .model import read_model
@@ -31,13 +32,9 @@ from .resources import evaluation_text
 from .storage import write_json_atomic
 
 
-def _quiet(_what: str, _fraction: float) -> None:
-    pass
-
-
 def layer_profile(source: Path, /, *, workspace: Workspace, calibration: str | None = None,
                   n_tokens: int = 2048, gamma: float = 0.9, threads: int | None = None,
-                  progress: Progress = _quiet) -> dict:
+                  progress: Progress = no_progress) -> dict:
     """Contribution scores of every sublayer, computed on the F16 reference and cached."""
     if n_tokens < 2:
         raise InputError(f"calibration tokens must be at least 2, got {n_tokens}")
@@ -85,7 +82,7 @@ def load_plan(path: str | Path) -> dict:
 def device_profile(source: Path, /, *, workspace: Workspace, protocol: Protocol,
                    types: str | None = None, outside: str = "q8_0",
                    profile_path: str | Path | None = None,
-                   progress: Progress = _quiet) -> dict:
+                   progress: Progress = no_progress) -> dict:
     """A given device profile, or one measured here (cached: a second call measures nothing)."""
     if profile_path is not None:
         return load_device_profile(profile_path)
@@ -97,7 +94,7 @@ def plan(source: Path, weights: Sequence[float], /, *, workspace: Workspace,
          protocol: Protocol, types: str | None = None, outside: str = "q8_0",
          profile_path: str | Path | None = None, estimator: str = "proportional",
          accuracy: str = "ppl", calibration: str | None = None, calibration_tokens: int = 2048,
-         limits: dict[str, float] | None = None, progress: Progress = _quiet) -> dict:
+         limits: dict[str, float] | None = None, progress: Progress = no_progress) -> dict:
     """The plan for `weights`: device profile + layer profile + TOPSIS + Algorithm 1."""
     view = read_model(source)
     dev = device_profile(source, workspace=workspace, protocol=protocol, types=types,
@@ -122,7 +119,7 @@ def build(plan_data: dict, out: Path, /, *, source: Path, workspace: Workspace,
 
 
 def verify(built: Path, plan_data: dict, /, *, source: Path, workspace: Workspace,
-           protocol: Protocol, progress: Progress = _quiet) -> dict:
+           protocol: Protocol, progress: Progress = no_progress) -> dict:
     """Measure a built model with the same protocol as the uniform types."""
     reference = ensure_reference(source, workspace=workspace, protocol=protocol,
                                  progress=progress)
@@ -130,7 +127,7 @@ def verify(built: Path, plan_data: dict, /, *, source: Path, workspace: Workspac
 
 
 def measure_one(path: Path, /, *, workspace: Workspace, protocol: Protocol,
-                reference_model: Path | None = None, progress: Progress = _quiet) -> dict:
+                reference_model: Path | None = None, progress: Progress = no_progress) -> dict:
     """Measure any GGUF; KL divergence needs the model whose F16 reference it is judged by."""
     read_model(path)
     reference = None
