@@ -19,12 +19,16 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
-from apreqel import engine, measure, workflow
-from apreqel.build import build_gguf
-from apreqel.measure import Protocol, Reference, Workspace, ensure_reference, measure_types
-from apreqel.model import ModelView, read_model
-from apreqel.plan import make_plan
-from apreqel.resources import default_model_path
+from apreqeld import engine, workflow
+from apreqeld.build import build_gguf
+from apreqeld.core.plans import make_plan
+from apreqeld.evidence import measurement as measure
+from apreqeld.evidence.measurement import measure_types
+from apreqeld.evidence.protocol import Protocol
+from apreqeld.evidence.reference import Reference, ensure_reference
+from apreqeld.evidence.workspace import Workspace
+from apreqeld.gguf.view import ModelView, read_model
+from apreqeld.resources import default_model_path
 
 # One thread: on a machine whose cores are shared with other work, llama.cpp's threads spin at
 # their barriers while a busy core is taken; with 2 threads on 2 busy cores a 1-token decode of

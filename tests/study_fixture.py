@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from apreqel.analysis import robustness_table
+from apreqeld.study.analysis import robustness_table
 
 N_BLOCKS = 30
 N_SUBLAYERS = 2 * N_BLOCKS

@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from apreqel.allocation import allocate, rank_order
-from apreqel.errors import PlanError
+from apreqeld.core.allocation import allocate, rank_order
+from apreqeld.errors import PlanError
 
 
 def test_algorithm_1_on_distinct_scores():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from apreqel.analysis import average_bpw_by_category, robustness_table
+from apreqeld.study.analysis import average_bpw_by_category, robustness_table
 from study_fixture import make_study
 
 

@@ -6,14 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apreqel.allocation import allocate, rank_order
-from apreqel.candidates import (
+from apreqeld.core.allocation import allocate, rank_order
+from apreqeld.core.candidates import (
     count_distributions,
     exact_memory,
     iter_distributions,
     proportional_metrics,
 )
-from apreqel.errors import InputError
+from apreqeld.errors import InputError
 
 
 def enumerate_all(n_sublayers, n_types, chunk_size=262_144):

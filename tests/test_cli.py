@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from apreqel.measure import Reference
+from apreqeld.evidence.reference import Reference
 from conftest import CALIBRATION_TOKENS, CLI_PROTOCOL_ARGS, THREADS, BuiltPlan, CliResult, CliRunner
 
 CAL = ("--calibration-tokens", str(CALIBRATION_TOKENS))

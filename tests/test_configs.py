@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
-from apreqel.configs import PAPER_CONFIGS, WeightConfig, parse_configs
-from apreqel.errors import InputError
+from apreqeld.core.configs import PAPER_CONFIGS, WeightConfig, parse_configs
+from apreqeld.errors import InputError
 
 
 def by_name():

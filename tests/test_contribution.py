@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apreqel.contribution import DEFAULT_GAMMA, cosine_rows, score_cosines
-from apreqel.errors import InputError
+from apreqeld.core.contribution import DEFAULT_GAMMA, cosine_rows, score_cosines
+from apreqeld.errors import InputError
 
 
 def test_reward_below_gamma_penalty_at_or_above() -> None:

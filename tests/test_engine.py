@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from apreqel import engine
-from apreqel.errors import EngineError, ModelError
-from apreqel.measure import Reference, Workspace
-from apreqel.model import ModelView
-from apreqel.qtypes import from_ggml, qtype
-from apreqel.resources import evaluation_text
+from apreqeld import engine
+from apreqeld.core.qtypes import from_ggml, qtype
+from apreqeld.errors import EngineError, ModelError
+from apreqeld.evidence.reference import Reference
+from apreqeld.evidence.workspace import Workspace
+from apreqeld.gguf.view import ModelView
+from apreqeld.resources import evaluation_text
 from conftest import THREADS, uniform_path
 
 # --------------------------------------------------------------------------- pure helpers

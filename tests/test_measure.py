@@ -11,13 +11,17 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from apreqel import engine, measure
-from apreqel.errors import InputError
-from apreqel.measure import Protocol, Reference, Workspace, measure_types, order_types
-from apreqel.metrics import mean_and_error, perplexity
-from apreqel.model import ModelView
-from apreqel.qtypes import effective_type, from_ggml, parse_types, qtype
-from apreqel.resources import evaluation_text
+from apreqeld import engine
+from apreqeld.core.metrics import mean_and_error, perplexity
+from apreqeld.core.qtypes import effective_type, from_ggml, parse_types, qtype
+from apreqeld.errors import InputError
+from apreqeld.evidence import measurement as measure
+from apreqeld.evidence.measurement import measure_types, order_types
+from apreqeld.evidence.protocol import Protocol
+from apreqeld.evidence.reference import Reference
+from apreqeld.evidence.workspace import Workspace
+from apreqeld.gguf.view import ModelView
+from apreqeld.resources import evaluation_text
 from conftest import (
     INTERRUPTED_ON,
     PROTOCOL,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from apreqel.errors import InputError, ModelError
-from apreqel.model import ModelView, check_gguf_path, file_sha256, read_model
+from apreqeld.errors import InputError, ModelError
+from apreqeld.gguf.view import ModelView, check_gguf_path, file_sha256, read_model
 from conftest import TINY_BLOCK, write_tiny_gguf
 
 # --------------------------------------------------------------------------- the default model

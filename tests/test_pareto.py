@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from apreqel.errors import InputError
-from apreqel.pareto import NORMALISATION, compare_sets, hypervolume, nondominated
+from apreqeld.core.pareto import NORMALISATION, compare_sets, hypervolume, nondominated
+from apreqeld.errors import InputError
 
 
 def dominates(a, b):

@@ -10,14 +10,20 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from apreqel import workflow
-from apreqel.build import build_gguf, read_embedded_plan
-from apreqel.errors import InputError, PlanError
-from apreqel.measure import Reference, Workspace
-from apreqel.model import ModelView, read_model
-from apreqel.plan import make_plan, plan_id, validate_plan
-from apreqel.qtypes import qtype
-from apreqel.recipe import expected_types, llama_quantize_recipe, tensor_recipe, type_mismatches
+from apreqeld import workflow
+from apreqeld.build import build_gguf, read_embedded_plan
+from apreqeld.core.plans import make_plan, plan_id, validate_plan
+from apreqeld.core.qtypes import qtype
+from apreqeld.core.recipes import (
+    expected_types,
+    llama_quantize_recipe,
+    tensor_recipe,
+    type_mismatches,
+)
+from apreqeld.errors import InputError, PlanError
+from apreqeld.evidence.reference import Reference
+from apreqeld.evidence.workspace import Workspace
+from apreqeld.gguf.view import ModelView, read_model
 from conftest import MIXED_WEIGHTS, THREADS, BuiltPlan, CliRunner
 
 # --------------------------------------------------------------------------- recipes (pure)

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from apreqel import workflow
-from apreqel.errors import InputError, ModelError
-from apreqel.measure import Reference, Workspace
-from apreqel.model import ModelView, read_model
-from apreqel.profiling import profile_layers, read_calibration, stream_layout
-from apreqel.resources import calibration_text
+from apreqeld import workflow
+from apreqeld.errors import InputError, ModelError
+from apreqeld.evidence.profiling import profile_layers, read_calibration, stream_layout
+from apreqeld.evidence.reference import Reference
+from apreqeld.evidence.workspace import Workspace
+from apreqeld.gguf.view import ModelView, read_model
+from apreqeld.resources import calibration_text
 from conftest import CALIBRATION_TOKENS, THREADS
 
 # --------------------------------------------------------------------------- on the real model

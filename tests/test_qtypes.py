@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from apreqel.errors import InputError
-from apreqel.qtypes import (
+from apreqeld.core.qtypes import (
     AUTO_CANDIDATES,
     PAPER_TYPES,
     effective_type,
@@ -14,6 +13,7 @@ from apreqel.qtypes import (
     qtype,
     quantizable,
 )
+from apreqeld.errors import InputError
 
 
 @pytest.mark.parametrize("spelling", ["q4_K", "q4_k", "Q4_K", " Q4_k "])

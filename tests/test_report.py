@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from apreqel.report import render_report
+from apreqeld.study.report import render_report
 from study_fixture import make_study
 
 SECTIONS = ("header", "summary", "uniform", "models", "robustness", "figures", "footer")

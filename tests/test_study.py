@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from apreqel import study as study_module
-from apreqel.configs import WeightConfig
-from apreqel.measure import Protocol, Workspace
-from apreqel.resources import default_model_path
+from apreqeld import study as study_module
+from apreqeld.core.configs import WeightConfig
+from apreqeld.evidence.protocol import Protocol
+from apreqeld.evidence.workspace import Workspace
+from apreqeld.resources import default_model_path
 
 pytestmark = pytest.mark.integration
 

@@ -5,9 +5,9 @@ from hypothesis import strategies as st
 from pymcdm.methods import TOPSIS
 from pymcdm.normalizations import vector_normalization
 
-from apreqel.candidates import exact_memory, iter_distributions, proportional_metrics
-from apreqel.errors import InputError
-from apreqel.topsis import TIE_TOLERANCE, Ranking, rank_distributions, topsis
+from apreqeld.core.candidates import exact_memory, iter_distributions, proportional_metrics
+from apreqeld.core.topsis import TIE_TOLERANCE, Ranking, rank_distributions, topsis
+from apreqeld.errors import InputError
 
 # Made-up uniform-type measurements, types from least to most aggressive:
 # memory (GB), latency (ms/token), accuracy cost (perplexity).

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from apreqel.errors import InputError
-from apreqel.weights import normalise_weights, parse_weights
+from apreqeld.core.weights import normalise_weights, parse_weights
+from apreqeld.errors import InputError
 
 
 def test_positional_form_is_normalised():

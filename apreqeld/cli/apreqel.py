@@ -1,0 +1,524 @@
+"""The `apreqel` command: parse, call one library function, render. Errors become one line."""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from apreqeld import workflow
+from apreqeld.core.limits import build_limits
+from apreqeld.core.plans import distribution_text
+from apreqeld.core.weights import parse_weights
+from apreqeld.errors import ApreqelError
+from apreqeld.evidence.protocol import Protocol
+from apreqeld.evidence.workspace import Workspace
+from apreqeld.gguf.view import read_model
+from apreqeld.resources import resolve_model
+from apreqeld.storage import write_json_atomic
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Mixed-precision GGUF models that fit your device and your priorities.")
+out = Console()
+err = Console(stderr=True)
+if not out.is_terminal:
+    out.width = max(out.width, 140)
+
+ModelArg = Annotated[Path | None, typer.Argument(
+    help="GGUF model (default: the built-in SmolLM2-135M-Instruct)", show_default=False)]
+Workdir = Annotated[Path | None, typer.Option(
+    "--workdir", help="cache of references and measurements (default $APREQEL_HOME or "
+    "~/.cache/apreqel)")]
+Json = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]
+Chunks = Annotated[int, typer.Option("--chunks", help="perplexity chunks of --ctx tokens")]
+Ctx = Annotated[int, typer.Option("--ctx", help="perplexity context (llama-perplexity -c)")]
+NGen = Annotated[int, typer.Option("--n-gen", help="generated tokens per latency run (tg N)")]
+Reps = Annotated[int, typer.Option("--reps", help="latency repetitions after a warm-up")]
+Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: all)")]
+GpuLayers = Annotated[int, typer.Option(
+    "--gpu-layers", help="layers offloaded when llama.cpp has a GPU backend (llama-bench -ngl)")]
+Types = Annotated[str | None, typer.Option(
+    "--types", help="comma list of types, or 'auto' for a fallback-free ladder "
+    "(default: the paper's q3_K,q4_K,q5_K,q6_K,q8_0)")]
+Outside = Annotated[str, typer.Option(
+    "--outside-type", help="type of the token embedding/output in every model")]
+ProfileOpt = Annotated[Path | None, typer.Option(
+    "--profile", help="device profile JSON measured elsewhere (skips measuring here)")]
+WeightsOpt = Annotated[str, typer.Option(
+    "--weights", "-w", help="memory,latency,accuracy priorities, e.g. 0.2,0.6,0.2 or "
+    "memory=0.2,latency=0.6,accuracy=0.2")]
+Estimator = Annotated[str, typer.Option(
+    "--estimator", help="'proportional' (the paper) or 'exact' (memory from tensor bytes)")]
+Accuracy = Annotated[str, typer.Option(
+    "--accuracy", help="accuracy criterion: 'ppl' (the paper) or 'kld' (KL divergence)")]
+Calibration = Annotated[Path | None, typer.Option(
+    "--calibration", help="calibration text for layer scores (default: shipped Tiny "
+    "Shakespeare, disjoint from the WikiText-2 evaluation text)")]
+CalTokens = Annotated[int, typer.Option("--calibration-tokens", help="calibration tokens")]
+MaxSize = Annotated[str | None, typer.Option(
+    "--max-size", help="size budget for the parameters, e.g. 90MiB or 1.5GB (exact bytes)")]
+MaxLatency = Annotated[float | None, typer.Option(
+    "--max-latency", help="upper bound on predicted ms per generated token")]
+MaxPpl = Annotated[float | None, typer.Option("--max-ppl", help="upper bound on predicted PPL")]
+MaxKld = Annotated[float | None, typer.Option(
+    "--max-kld", help="upper bound on predicted KL divergence from the reference")]
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handled(fn: Callable) -> Callable:
+    """Turn domain errors into one line and a non-zero exit; never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ApreqelError as exc:
+            fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except KeyboardInterrupt:
+            fail("interrupted; finished measurements are kept and the next run resumes", 130)
+        except OSError as exc:
+            fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+    return wrapper
+
+
+@contextmanager
+def progress_bar(title: str) -> Iterator[Callable[[str, float], None]]:
+    """A rich progress bar fed by the library's (what, fraction) callbacks."""
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn(
+        "{task.percentage:>3.0f}%"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(title, total=1.0)
+
+        def update(what: str, fraction: float) -> None:
+            bar.update(task, description=f"{title}: {what}", completed=min(max(fraction, 0), 1))
+
+        yield update
+
+
+def _protocol(chunks: int, ctx: int, n_gen: int, reps: int, threads: int | None,
+              gpu_layers: int) -> Protocol:
+    kwargs = {"chunks": chunks, "n_ctx": ctx, "n_gen": n_gen, "reps": reps,
+              "gpu_layers": gpu_layers}
+    if threads is not None:
+        kwargs["threads"] = threads
+    return Protocol(**kwargs)
+
+
+def _model(model: Path | None) -> Path:
+    path = resolve_model(model)
+    read_model(path)  # fail early, with one line, on a missing or broken file
+    return path
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+@app.command()
+@handled
+def inspect(model: ModelArg = None, json_: Json = False) -> None:
+    """Architecture, blocks, and every tensor grouped into attention/FFN sublayers."""
+    view = read_model(_model(model))
+    if json_:
+        out.print_json(data=view.to_dict())
+        return
+    out.print(f"[bold]{view.name}[/] ({view.architecture}), {view.n_blocks} blocks → "
+              f"{len(view.sublayers)} sublayers, {view.n_parameters / 1e6:.1f} M parameters, "
+              f"{_mib(view.parameter_bytes)} MiB, {view.bits_per_weight:.2f} bits/weight")
+    table = Table("sublayer", "tensors", "types", "MiB")
+    for s in view.sublayers:
+        types = sorted({t.qtype.name for t in s.tensors})
+        table.add_row(s.name, str(len(s.tensors)), ",".join(types), _mib(s.n_bytes))
+    for t in view.outside:
+        table.add_row(f"[dim]{t.name}[/]", "1", t.qtype.name, _mib(t.n_bytes))
+    out.print(table)
+
+
+@app.command()
+@handled
+def profile(model: ModelArg = None, calibration: Calibration = None,
+            tokens: CalTokens = 2048,
+            gamma: Annotated[float, typer.Option(help="reward below, penalty at or above")] = 0.9,
+            threads: Threads = None, workdir: Workdir = None, json_: Json = False) -> None:
+    """Layer contribution (paper §3.1): cosine of each sublayer's input and output."""
+    source = _model(model)
+    with progress_bar("profile") as bar:
+        result = workflow.layer_profile(source, workspace=Workspace(workdir),
+                                        calibration=str(calibration) if calibration else None,
+                                        n_tokens=tokens, gamma=gamma, threads=threads,
+                                        progress=bar)
+    if json_:
+        out.print_json(data=result)
+        return
+    out.print(f"calibration: {result['text']}, tokens {result['token_range'][0]}–"
+              f"{result['token_range'][1]}, gamma {result['gamma']}, on the F16 reference")
+    table = Table("rank", "sublayer", "score", "reward", "penalty", "mean cosine")
+    for s in sorted(result["sublayers"], key=lambda s: s["rank"]):
+        table.add_row(str(s["rank"] + 1), s["name"], str(s["score"]), str(s["reward"]),
+                      str(s["penalty"]), f"{s['mean_cosine']:.4f}")
+    out.print(table)
+
+
+def _metrics_table(rows: list[tuple[str, dict]], *, title: str | None = None) -> Table:
+    table = Table("model", "bpw", "MiB", "ms/token", "PPL", "KLD", "top-1", title=title)
+    for name, m in rows:
+        table.add_row(name, _fmt(m["bpw"], 2), _mib(m["memory_bytes"]),
+                      f"{_fmt(m['latency_ms'], 2)} ± {_fmt(m['latency_std_ms'], 2)}",
+                      f"{_fmt(m['ppl'])} ± {_fmt(m['ppl_se'])}",
+                      f"{_fmt(m['kld'], 4)} ± {_fmt(m['kld_se'], 4)}",
+                      _fmt(100 * m["top1_agreement"], 1) + "%")
+    return table
+
+
+@app.command("measure-types")
+@handled
+def measure_types(model: ModelArg = None, types: Types = None, outside_type: Outside = "q8_0",
+                  output: Annotated[Path, typer.Option("-o", "--output")] = Path(
+                      "device-profile.json"),
+                  chunks: Chunks = 8, ctx: Ctx = 512, n_gen: NGen = 64, reps: Reps = 5,
+                  threads: Threads = None, gpu_layers: GpuLayers = 0,
+                  workdir: Workdir = None, json_: Json = False) -> None:
+    """Measure uniform types on this machine and write a portable device profile."""
+    source = _model(model)
+    protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
+    with progress_bar("measure") as bar:
+        result = workflow.device_profile(source, workspace=Workspace(workdir),
+                                         protocol=protocol, types=types, outside=outside_type,
+                                         progress=bar)
+    write_json_atomic(output, result)
+    if json_:
+        out.print_json(data=result)
+        return
+    _render_profile(result)
+    out.print(f"device profile written to {output}")
+
+
+def _render_profile(result: dict) -> None:
+    ref = result["reference"]
+    rows = [(f"reference ({ref['type']})", ref["measured"])]
+    rows += [(name, result["uniform"][name]["measured"]) for name in result["types"]]
+    p = result["protocol"]
+    out.print(_metrics_table(rows, title=(
+        f"{result['model']['name']} on {result['device']['cpu']}, {p['threads']} threads; "
+        f"{p['chunks']}×{p['n_ctx']} tokens of {p['text']} ({p['tokens_scored']} scored), "
+        f"tg{p['n_gen']}×{p['reps']}")))
+    out.print(f"reference: {ref['note']}; outside sublayers: {result['policy']['outside_type']}")
+    for name in result["types"]:
+        eff = result["uniform"][name]["effective_types"]
+        if set(eff) != {name}:
+            out.print(f"[yellow]{name}[/]: llama.cpp's shape fallback gives sublayer tensors "
+                      + ", ".join(f"{k}×{v}" for k, v in eff.items()))
+
+
+@app.command()
+@handled
+def measure(model: Annotated[Path, typer.Argument(help="any GGUF file")],
+            reference: Annotated[Path | None, typer.Option(
+                "--reference", help="model whose F16 reference the KL divergence is taken "
+                "against (default: no KL divergence)")] = None,
+            chunks: Chunks = 8, ctx: Ctx = 512, n_gen: NGen = 64, reps: Reps = 5,
+            threads: Threads = None, gpu_layers: GpuLayers = 0, workdir: Workdir = None,
+            json_: Json = False) -> None:
+    """Measure one GGUF with the same protocol as the uniform types."""
+    protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
+    with progress_bar("measure") as bar:
+        result = workflow.measure_one(_model(model), workspace=Workspace(workdir),
+                                      protocol=protocol, reference_model=reference,
+                                      progress=bar)
+    if json_:
+        out.print_json(data=result)
+        return
+    out.print(_metrics_table([(Path(result["model"]).name, result)]))
+
+
+def _plan_common(model: Path | None, weights: str, profile_path: Path | None,
+                 types: str | None, outside_type: str, estimator: str, accuracy: str,
+                 calibration: Path | None, calibration_tokens: int, protocol: Protocol,
+                 workdir: Path | None, max_size: str | None, max_latency: float | None,
+                 max_ppl: float | None, max_kld: float | None) -> tuple[Path, Workspace, dict]:
+    w = parse_weights(weights)
+    limits = build_limits(max_size=max_size, max_latency=max_latency, max_ppl=max_ppl,
+                          max_kld=max_kld)
+    source = _model(model)
+    workspace = Workspace(workdir)
+    with progress_bar("plan") as bar:
+        plan_data = workflow.plan(source, w, workspace=workspace, protocol=protocol, types=types,
+                                  outside=outside_type, profile_path=profile_path,
+                                  estimator=estimator, accuracy=accuracy,
+                                  calibration=str(calibration) if calibration else None,
+                                  calibration_tokens=calibration_tokens, limits=limits,
+                                  progress=bar)
+    return source, workspace, plan_data
+
+
+def _render_plan(plan_data: dict) -> None:
+    w = plan_data["weights"]
+    p = plan_data["predicted"]
+    out.print(f"weights memory {w['memory']:.3f}, latency {w['latency']:.3f}, accuracy "
+              f"{w['accuracy']:.3f} → best of {plan_data['candidates']:,} distributions "
+              f"(TOPSIS {plan_data['topsis_score']:.4f}, {plan_data['estimator']} estimator, "
+              f"accuracy as {plan_data['criteria'][2]})")
+    if plan_data.get("limits"):
+        out.print(f"limits: {plan_data['limits']} → {plan_data['feasible_candidates']:,} "
+                  "distributions fit")
+    out.print(f"distribution: {distribution_text(plan_data['distribution'])}  "
+              f"({plan_data['bits_per_weight']:.2f} bits/weight)")
+    out.print(f"predicted: {_mib(p['memory_bytes'])} MiB (exact {_mib(p['memory_bytes_exact'])}"
+              f" MiB), {p['latency_ms']:.2f} ms/token, PPL {p['ppl']:.3f}, KLD {p['kld']:.4f}")
+    table = Table("block", "attention", "FFN")
+    alloc = plan_data["allocation"]
+    n_blocks = len(alloc) // 2
+    for b in range(n_blocks):
+        table.add_row(str(b), alloc[f"blk.{b}.attn"], alloc[f"blk.{b}.ffn"])
+    out.print(table)
+
+
+def _render_verification(plan_data: dict, measured: dict) -> None:
+    p = plan_data["predicted"]
+    table = Table("metric", "predicted", "measured", title="predicted vs measured")
+    exact = _mib(p["memory_bytes_exact"])
+    table.add_row("memory (MiB)", f"{_mib(p['memory_bytes'])} (exact {exact})",
+                  _mib(measured["memory_bytes"]))
+    table.add_row("latency (ms/token)", _fmt(p["latency_ms"], 2),
+                  f"{_fmt(measured['latency_ms'], 2)} ± {_fmt(measured['latency_std_ms'], 2)}")
+    table.add_row("perplexity", _fmt(p["ppl"]), f"{_fmt(measured['ppl'])} ± "
+                  f"{_fmt(measured['ppl_se'])}")
+    table.add_row("KL divergence", _fmt(p["kld"], 4), f"{_fmt(measured['kld'], 4)} ± "
+                  f"{_fmt(measured['kld_se'], 4)}")
+    out.print(table)
+
+
+@app.command("plan")
+@handled
+def plan_cmd(model: ModelArg = None, weights: WeightsOpt = "1,1,1",
+             dry_run: Annotated[bool, typer.Option(
+                 "--dry-run", help="show the plan without building (plan never builds)")] = True,
+             output: Annotated[Path | None, typer.Option(
+                 "-o", "--output", help="save the plan JSON here")] = None,
+             profile_path: ProfileOpt = None, types: Types = None,
+             outside_type: Outside = "q8_0", estimator: Estimator = "proportional",
+             accuracy: Accuracy = "ppl", calibration: Calibration = None,
+             calibration_tokens: CalTokens = 2048, chunks: Chunks = 8, ctx: Ctx = 512,
+             n_gen: NGen = 64, reps: Reps = 5, threads: Threads = None,
+             gpu_layers: GpuLayers = 0, max_size: MaxSize = None,
+             max_latency: MaxLatency = None, max_ppl: MaxPpl = None, max_kld: MaxKld = None,
+             workdir: Workdir = None, json_: Json = False) -> None:
+    """Show the plan for your weights without building it."""
+    protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
+    _, _, plan_data = _plan_common(model, weights, profile_path, types, outside_type,
+                                   estimator, accuracy, calibration, calibration_tokens,
+                                   protocol, workdir, max_size, max_latency, max_ppl, max_kld)
+    if output is not None:
+        write_json_atomic(output, plan_data)
+    if json_:
+        out.print_json(data=plan_data)
+        return
+    _render_plan(plan_data)
+    if output is not None:
+        out.print(f"plan written to {output}; build it with `apreqel build --plan {output}`")
+
+
+@app.command()
+@handled
+def optimize(output: Annotated[Path, typer.Option("-o", "--output", help="the GGUF to write")],
+             model: ModelArg = None, weights: WeightsOpt = "1,1,1",
+             verify: Annotated[bool, typer.Option(
+                 "--verify", help="measure the built model; print predicted vs measured")] = False,
+             profile_path: ProfileOpt = None, types: Types = None,
+             outside_type: Outside = "q8_0", estimator: Estimator = "proportional",
+             accuracy: Accuracy = "ppl", calibration: Calibration = None,
+             calibration_tokens: CalTokens = 2048, chunks: Chunks = 8, ctx: Ctx = 512,
+             n_gen: NGen = 64, reps: Reps = 5, threads: Threads = None,
+             gpu_layers: GpuLayers = 0, max_size: MaxSize = None,
+             max_latency: MaxLatency = None, max_ppl: MaxPpl = None, max_kld: MaxKld = None,
+             workdir: Workdir = None) -> None:
+    """Plan and build the mixed-precision GGUF that best serves your weights."""
+    protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
+    source, workspace, plan_data = _plan_common(
+        model, weights, profile_path, types, outside_type, estimator, accuracy, calibration,
+        calibration_tokens, protocol, workdir, max_size, max_latency, max_ppl, max_kld)
+    _render_plan(plan_data)
+    with progress_bar("build") as bar:
+        built = workflow.build(plan_data, output, source=source, workspace=workspace,
+                               threads=protocol.threads, progress=lambda s: bar(s, 0.5))
+    out.print(f"built {built} ({_mib(read_model(built).parameter_bytes)} MiB); plan and "
+              "llama-quantize recipe beside it")
+    if verify:
+        with progress_bar("verify") as bar:
+            measured = workflow.verify(built, plan_data, source=source, workspace=workspace,
+                                       protocol=protocol, progress=bar)
+        _render_verification(plan_data, measured)
+
+
+@app.command("build")
+@handled
+def build_cmd(plan_path: Annotated[Path, typer.Option("--plan", help="a saved plan JSON")],
+              output: Annotated[Path, typer.Option("-o", "--output", help="the GGUF to write")],
+              model: ModelArg = None, threads: Threads = None,
+              workdir: Workdir = None) -> None:
+    """Replay a saved plan: the same model, byte for byte."""
+    plan_data = workflow.load_plan(plan_path)
+    source = _model(model)
+    with progress_bar("build") as bar:
+        built = workflow.build(plan_data, output, source=source, workspace=Workspace(workdir),
+                               threads=threads or 0, progress=lambda s: bar(s, 0.5))
+    out.print(f"built {built} from plan {plan_data['plan_id']}")
+
+
+@app.command()
+@handled
+def demo(output: Annotated[Path, typer.Option(
+             "--out", help="folder for the built models")] = Path("apreqel-demo"),
+         model: ModelArg = None, types: Types = None, chunks: Chunks = 2, ctx: Ctx = 512,
+         n_gen: NGen = 32, reps: Reps = 3, calibration_tokens: CalTokens = 1024,
+         threads: Threads = None, workdir: Workdir = None) -> None:
+    """Three contrasting priorities on the default model, each built and verified."""
+    started = time.time()
+    source = _model(model)
+    protocol = _protocol(chunks, ctx, n_gen, reps, threads, 0)
+    workspace = Workspace(workdir)
+    rows = []
+    with progress_bar("demo") as bar:
+        for i, (name, weights) in enumerate(workflow.DEMO_WEIGHTS):
+            def step(what: str, fraction: float, i: int = i, name: str = name) -> None:
+                bar(f"{name}: {what}", (i + fraction) / len(workflow.DEMO_WEIGHTS))
+
+            plan_data = workflow.plan(source, weights, workspace=workspace, protocol=protocol,
+                                      types=types, calibration_tokens=calibration_tokens,
+                                      progress=step)
+            built = workflow.build(plan_data, output / f"{name}.gguf", source=source,
+                                   workspace=workspace, threads=protocol.threads,
+                                   progress=lambda s, step=step: step(s, 0.6))
+            measured = workflow.verify(built, plan_data, source=source, workspace=workspace,
+                                       protocol=protocol,
+                                       progress=lambda w, f, step=step: step(w, 0.7 + f / 4))
+            rows.append((name, weights, plan_data, measured))
+    table = Table("priority", "weights m,l,a", "distribution", "bpw", "MiB pred → meas",
+                  "ms/token pred → meas", "PPL pred → meas", "KLD pred → meas",
+                  title=f"apreqel demo on {read_model(source).name} "
+                        f"({protocol.chunks}×{protocol.n_ctx} tokens, tg{protocol.n_gen}"
+                        f"×{protocol.reps}, {protocol.threads} threads)")
+    for name, weights, p, m in rows:
+        pr = p["predicted"]
+        table.add_row(name, ",".join(f"{x:g}" for x in weights),
+                      distribution_text(p["distribution"]), f"{p['bits_per_weight']:.2f}",
+                      f"{_mib(pr['memory_bytes'])} → {_mib(m['memory_bytes'])}",
+                      f"{pr['latency_ms']:.2f} → {m['latency_ms']:.2f}",
+                      f"{pr['ppl']:.2f} → {m['ppl']:.2f}", f"{pr['kld']:.4f} → {m['kld']:.4f}")
+    out.print(table)
+    out.print(f"models, plans and llama-quantize recipes in {output}/ "
+              f"({time.time() - started:.0f} s)")
+
+
+@app.command()
+@handled
+def study(model: ModelArg = None,
+          out_dir: Annotated[Path, typer.Option("--out", help="folder for study.json, "
+                                                "report.html and the built models")] = Path(
+              "apreqel-study"),
+          configs: Annotated[Path | None, typer.Option(
+              "--configs", help="your own weight configurations (JSON list or 'm,l,a [category]"
+              " [name]' lines); default: the paper's 28")] = None,
+          types: Types = None, outside_type: Outside = "q8_0",
+          estimator: Estimator = "proportional", accuracy: Accuracy = "ppl",
+          calibration: Calibration = None, calibration_tokens: CalTokens = 2048,
+          chunks: Chunks = 8, ctx: Ctx = 512, n_gen: NGen = 64, reps: Reps = 5,
+          threads: Threads = None, gpu_layers: GpuLayers = 0,
+          interleave: Annotated[bool, typer.Option(
+              "--interleave/--no-interleave", help="re-time all models in interleaved rounds "
+              "(robust to a machine whose speed drifts); --no-interleave keeps each model's "
+              "own llama-bench run, as the paper")] = True,
+          workdir: Workdir = None) -> None:
+    """The paper's evaluation: every configuration built and measured, Pareto front,
+    hypervolume against the uniform types, robustness table, HTML report. Resumable."""
+    from apreqeld.core.configs import PAPER_CONFIGS, parse_configs
+    from apreqeld.study.run import run_study
+
+    chosen = PAPER_CONFIGS
+    if configs is not None:
+        if not configs.is_file():
+            fail(f"configs file not found: {configs}")
+        chosen = parse_configs(configs.read_text())
+    protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
+    with progress_bar("study") as bar:
+        result = run_study(_model(model), out_dir, workspace=Workspace(workdir),
+                           protocol=protocol, configs=chosen, types=types, outside=outside_type,
+                           accuracy=accuracy, estimator=estimator,
+                           calibration=str(calibration) if calibration else None,
+                           calibration_tokens=calibration_tokens, interleave=interleave,
+                           command=" ".join(["apreqel", *sys.argv[1:]]), progress=bar)
+    _render_study(result)
+    out.print(f"study.json and report.html in {out_dir}/ ({result['timing']['total_s']:.0f} s)")
+
+
+def _render_study(result: dict) -> None:
+    table = Table("accuracy objective", "HV uniform", "HV APreQEL", "HV union", "gain",
+                  "gain (union)", title="hypervolume (memory, latency, accuracy; paper Table 1)")
+    for acc, hv in result["hypervolume"].items():
+        table.add_row(acc, f"{hv['hv_uniform']:.4f}", f"{hv['hv_apreqel']:.4f}",
+                      f"{hv['hv_union']:.4f}", f"{100 * hv['gain']:+.2f}%",
+                      f"{100 * hv['gain_union']:+.2f}%")
+    out.print(table)
+    rob = result.get("robustness") or {}
+    if rob:
+        names = {"memory_bytes": "memory (MiB)", "latency_ms": "latency (ms)"}
+        t2 = Table("category", *[names.get(m, m) for m in rob["metrics"]],
+                   title="average difference to the best (paper Table 2)")
+        for row in rob["rows"]:
+            t2.add_row(row["category"], *[
+                _mib(row["diff"][m]) if m == "memory_bytes" and row["diff"][m] is not None
+                else _fmt(row["diff"][m], 3) for m in rob["metrics"]])
+        out.print(t2)
+        for metric, best in rob["best"].items():
+            mark = "[green]✓[/]" if best["ok"] else "[red]✗[/]"
+            out.print(f"{mark} best {metric}: {best['name']} ({best['category']})")
+
+
+@app.command()
+@handled
+def report(out_dir: Annotated[Path, typer.Argument(help="a study folder")]) -> None:
+    """Re-render a finished study's report.html from its study.json (seconds)."""
+    import json
+
+    from apreqeld.study.run import write_study
+
+    path = out_dir / "study.json"
+    if not path.is_file():
+        fail(f"no study.json in {out_dir}")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        fail(f"study.json is not valid JSON: {exc}")
+    _, html = write_study(data, out_dir)
+    out.print(f"report written to {html}")
+
+
+def main() -> None:  # pragma: no cover - entry point
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("error: interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,61 @@
+"""Recipes: the plain-data form of a quantized model, a dict from tensor name to type name.
+
+A recipe can be saved, diffed, replayed, and exported for stock `llama-quantize`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from apreqeld.core.qtypes import QType, qtype
+from apreqeld.errors import PlanError
+
+
+class ModelShape(Protocol):
+    """What planning needs of a model view (apreqeld.gguf.view.ModelView has it): tensors with
+    name, type and quantizability, grouped into sublayers, and those outside them."""
+
+    tensors: Sequence[Any]
+    sublayers: Sequence[Any]
+    outside: Sequence[Any]
+
+
+def tensor_recipe(view: ModelShape, sublayer_types: Sequence[QType], /, *,
+                  outside: QType) -> dict[str, str]:
+    """Requested type of every quantizable tensor: its sublayer's type, or `outside` for the
+    token embedding, output and anything else outside the sublayers."""
+    if len(sublayer_types) != len(view.sublayers):
+        raise PlanError(f"{len(sublayer_types)} types for {len(view.sublayers)} sublayers")
+    recipe = {t.name: q.name for s, q in zip(view.sublayers, sublayer_types, strict=True)
+              for t in s.tensors if t.quantizable}
+    recipe |= {t.name: outside.name for t in view.outside if t.quantizable}
+    return recipe
+
+
+def expected_types(view: ModelShape, recipe: Mapping[str, str], /) -> dict[str, str]:
+    """The type every tensor will really have once llama.cpp applies its shape fallbacks."""
+    missing = [t.name for t in view.tensors if t.quantizable and t.name not in recipe]
+    if missing:
+        raise PlanError(f"the recipe gives no type to {missing[0]}")
+    return {t.name: t.type_as(qtype(recipe[t.name])).name if t.quantizable else t.qtype.name
+            for t in view.tensors}
+
+
+def type_mismatches(expected: Mapping[str, str], actual: Mapping[str, str], /) -> list[str]:
+    """Human-readable differences between the planned and the written tensor types."""
+    problems = [f"{n}: planned {expected[n]}, file has {actual.get(n, 'nothing')}"
+                for n in expected if expected[n].lower() != str(actual.get(n, "")).lower()]
+    problems += [f"{n}: not planned" for n in actual if n not in expected]
+    return problems
+
+
+def llama_quantize_recipe(recipe: Mapping[str, str], /) -> str:
+    """The recipe as a `llama-quantize --tensor-type-file` file: one `pattern=type` per line.
+
+    Patterns are anchored, escaped regexes (llama.cpp lower-cases names and matches with
+    std::regex_search), so each line names exactly one tensor.
+    """
+    return "".join(f"^{re.escape(name).lower()}$={qtype_name}\n"
+                   for name, qtype_name in sorted(recipe.items()))
