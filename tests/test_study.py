@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from apreqeld import study as study_module
+from apreqeld.study import run as study_module
 from apreqeld.core.configs import WeightConfig
 from apreqeld.evidence.protocol import Protocol
 from apreqeld.evidence.workspace import Workspace
@@ -104,14 +104,14 @@ def test_study_outputs(workspace: Workspace, tmp_path: Path) -> None:
 def test_report_rerenders_from_study_json(workspace: Workspace, tmp_path: Path) -> None:
     _run(tmp_path, workspace, configs=CONFIGS[:1])
     (tmp_path / "report.html").unlink()
-    done = subprocess.run([sys.executable, "-m", "apreqel.cli", "report", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "apreqeld.cli.apreqel", "report", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "report.html").read_text().startswith("<!DOCTYPE html>")
 
 
 def test_report_without_study_fails_in_one_line(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "apreqel.cli", "report", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "apreqeld.cli.apreqel", "report", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [f"error: no study.json in {tmp_path}"]
