@@ -1,0 +1,106 @@
+"""The timing around the pure plan choice: budget from the monitor's State, live latency scale,
+dwell time since the last switch. No asyncio: the scheduler calls `decide` once per State.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Literal
+
+from apreqeld.core.budget import budget_bytes, condition_latency, latency_scale
+from apreqeld.core.selection import Candidate, Decision, Priority, choose
+from apreqeld.errors import InputError
+from apreqeld.manifest import Member
+from apreqeld.runtime.monitor import State
+
+DEFAULT_RESERVE = 512 * 1024**2  # bytes kept free for the OS and the daemon
+DEFAULT_SLACK = 256 * 1024**2  # a new member must fit with this to spare (no flapping)
+DEFAULT_DWELL_S = 30.0
+DEFAULT_MARGIN = 0.05
+
+
+def candidates_of(
+    members: Sequence[Member], /, *, accuracy: Literal["kld", "ppl"] = "kld",
+    power_mode: str | None = None,
+) -> list[Candidate]:
+    """Members as Candidates: measured footprint, ms/token for this power mode, KLD or PPL."""
+    out = []
+    for m in members:
+        conditions = {k: v.median_ms for k, v in m.conditions.items()}
+        ms, _ = condition_latency(m.measured.latency.median_ms, conditions, power_mode)
+        acc = m.measured.kld if accuracy == "kld" else m.measured.ppl
+        out.append(Candidate(m.id, float(m.measured.footprint_bytes), ms, acc))
+    return out
+
+
+class Policy:
+    """Margin, dwell, reserve, the last switch time and the served-latency samples."""
+
+    def __init__(
+        self,
+        *,
+        margin: float = DEFAULT_MARGIN,
+        min_dwell_s: float = DEFAULT_DWELL_S,
+        reserve_bytes: float = DEFAULT_RESERVE,
+        slack_bytes: float = DEFAULT_SLACK,
+        window: int = 16,
+    ) -> None:
+        if min_dwell_s < 0 or window < 1:
+            raise InputError(f"dwell must be >= 0 s and window >= 1, got {min_dwell_s}, {window}")
+        self.margin = margin
+        self.min_dwell_s = min_dwell_s
+        self.reserve_bytes = reserve_bytes
+        self.slack_bytes = slack_bytes
+        self.last_switch: float | None = None
+        self._served: deque[float] = deque(maxlen=window)
+        self._served_by: str | None = None
+
+    def observe(self, member_id: str, ms_per_token: float, /) -> None:
+        """Record the loaded member's served ms/token (samples of another member are dropped)."""
+        if member_id != self._served_by:
+            self._served.clear()
+            self._served_by = member_id
+        self._served.append(ms_per_token)
+
+    def switched(self, *, now: float) -> None:
+        """Note that a swap happened at `now` (decide() does so itself when it says switch)."""
+        self.last_switch = now
+
+    def latency_scale(self, current: Candidate | None, /) -> float:
+        """How much slower than measured the loaded member serves now (1.0 when unknown)."""
+        if current is None or self._served_by != current.id:
+            return 1.0
+        return latency_scale(list(self._served), current.latency_ms)
+
+    def decide(
+        self,
+        state: State,
+        members: Sequence[Member],
+        priority: Priority,
+        /,
+        *,
+        current: str | None,
+        now: float,
+        accuracy: Literal["kld", "ppl"] = "kld",
+    ) -> Decision:
+        """The member to serve in this state; a switch starts the dwell time at `now`."""
+        cands = candidates_of(members, accuracy=accuracy, power_mode=state.power_mode)
+        loaded = next((c for c in cands if c.id == current), None)
+        budget = budget_bytes(
+            mem_available=state.mem_available_bytes,
+            cgroup_headroom=state.cgroup_headroom_bytes,
+            current_footprint=loaded.footprint_bytes if loaded else 0.0,
+            reserve=self.reserve_bytes,
+            psi_some_avg10=state.psi_memory_some_avg10,
+            mem_total=state.mem_total_bytes,
+        )
+        dwell = self.last_switch is None or now - self.last_switch >= self.min_dwell_s
+        decision = choose(
+            cands, priority, current=current, budget_bytes=budget,
+            latency_scale=self.latency_scale(loaded), margin=self.margin,
+            dwell_elapsed=dwell, slack_bytes=self.slack_bytes,
+        )
+        if decision.switch:
+            self.switched(now=now)
+        return decision

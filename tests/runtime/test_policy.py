@@ -1,0 +1,82 @@
+"""Policy timing: budget from a State, dwell, condition columns, served-latency scale."""
+
+from __future__ import annotations
+
+import pytest
+
+from apreqeld.core.selection import ServiceLevels, priority_from
+from apreqeld.manifest import Member
+from apreqeld.runtime.monitor import State
+from apreqeld.runtime.policy import Policy, candidates_of
+
+GIB = 1024**3
+
+
+def member(tag: str, gib: float, ms: float, kld: float, **conditions: float) -> Member:
+    lat = {"median_ms": ms, "iqr_ms": 0.1, "mean_ms": ms, "std_ms": 0.1, "n": 5}
+    return Member.model_validate({
+        "id": tag * 8, "kind": "uniform", "label": tag, "base_type": "q4_0", "recipe": {},
+        "file_sha256": "0" * 64, "file_bytes": int(gib * GIB),
+        "measured": {"parameter_bytes": int(gib * GIB), "footprint_bytes": int(gib * GIB),
+                     "latency": lat, "ppl": 10 + kld, "ppl_se": 0.1, "kld": kld,
+                     "kld_se": 0.001},
+        "conditions": {k: {**lat, "median_ms": v, "mean_ms": v} for k, v in conditions.items()},
+        "pareto": True,
+    })
+
+
+MEMBERS = [member("a", 6.0, 40.0, 0.002, low=120.0), member("b", 4.0, 30.0, 0.02, low=90.0),
+           member("c", 2.0, 20.0, 0.2, low=60.0)]
+A, B, C = (m.id for m in MEMBERS)
+ACCURACY = priority_from("accuracy")
+
+
+def state(avail_gib: float, **kw) -> State:
+    return State(t=0.0, source="test", mem_available_bytes=avail_gib * GIB, **kw)
+
+
+def test_candidates_use_the_power_mode_column_and_the_accuracy_kind() -> None:
+    assert [c.latency_ms for c in candidates_of(MEMBERS)] == [40.0, 30.0, 20.0]
+    assert [c.latency_ms for c in candidates_of(MEMBERS, power_mode="low")] == [120, 90, 60]
+    assert candidates_of(MEMBERS, accuracy="ppl")[0].accuracy == pytest.approx(10.002)
+
+
+def test_memory_drop_downgrades_at_once_and_recovery_waits_for_dwell() -> None:
+    p = Policy(min_dwell_s=30.0, reserve_bytes=0.5 * GIB, margin=0.01)
+    d = p.decide(state(16), MEMBERS, ACCURACY, current=None, now=0.0)
+    assert d.choice == A and d.switch
+    # A is loaded (6 GiB); only 1 GiB more is free: budget 6.5 GiB still holds A
+    assert not p.decide(state(1), MEMBERS, ACCURACY, current=A, now=5.0).switch
+    d = p.decide(state(0.2), MEMBERS, ACCURACY, current=A, now=6.0)  # budget 5.7 GiB
+    assert d.switch and d.choice == B and "no longer fits" in d.reason
+    # memory comes back, but the dwell time has not passed
+    d = p.decide(state(16), MEMBERS, ACCURACY, current=B, now=10.0)
+    assert d.choice == B and "dwell" in d.reason
+    d = p.decide(state(16), MEMBERS, ACCURACY, current=B, now=40.0)
+    assert d.choice == A and d.switch
+
+
+def test_psi_tightens_and_unknown_memory_means_no_budget() -> None:
+    p = Policy(reserve_bytes=0.5 * GIB)
+    d = p.decide(state(8, psi_memory_some_avg10=60.0), MEMBERS, ACCURACY, current=A, now=0.0)
+    assert d.switch and d.budget_bytes == pytest.approx(5.5 * GIB)
+    d = Policy().decide(State(t=0, source="test"), MEMBERS, ACCURACY, current=None, now=0.0)
+    assert d.budget_bytes is None and d.choice == A
+
+
+def test_served_latency_and_power_mode_feed_the_service_level() -> None:
+    slo = priority_from("accuracy", levels=ServiceLevels(max_latency_ms=50.0))
+    p = Policy(min_dwell_s=0.0)
+    assert p.decide(state(16), MEMBERS, slo, current=None, now=0.0).choice == A
+    for ms in (95.0, 100.0, 105.0):  # A serves 2.5x slower than measured (contention)
+        p.observe(A, ms)
+    assert p.latency_scale(candidates_of(MEMBERS)[0]) == pytest.approx(2.5)
+    d = p.decide(state(16), MEMBERS, slo, current=A, now=1.0)
+    assert d.choice == C and "exceeds max latency 50" in d.reason
+    # a power-mode column that matches explains the slowdown: the scale is relative to it
+    q = Policy()
+    for ms in (118.0, 120.0, 122.0):
+        q.observe(A, ms)
+    d = q.decide(state(16, power_mode="low"), MEMBERS, priority_from("accuracy"), current=A,
+                 now=0.0)
+    assert d.choice == A and not d.switch
