@@ -12,6 +12,7 @@ import os
 import platform
 import random
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,7 +27,15 @@ import numpy as np
 from apreqeld.core.qtypes import qtype
 from apreqeld.errors import EngineError, ModelError
 
-_LOG: deque[str] = deque(maxlen=200)
+_THREAD_LOG = threading.local()  # each thread's own ring of llama.cpp log lines
+
+
+def _log_ring() -> deque[str]:
+    """The last 200 llama.cpp log lines written by the calling thread."""
+    ring = getattr(_THREAD_LOG, "ring", None)
+    if ring is None:
+        ring = _THREAD_LOG.ring = deque(maxlen=200)
+    return ring
 
 
 @cache
@@ -37,7 +46,7 @@ def _llama():
 
     @llama_cpp.llama_log_callback
     def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-        _LOG.append(text.decode("utf-8", "replace"))
+        _log_ring().append(text.decode("utf-8", "replace"))
 
     llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
@@ -68,7 +77,8 @@ class _TensorHead(ctypes.Structure):
 
 
 def _recent_log(pattern: str = r"error|failed|invalid|unable|cannot") -> str:
-    lines = [ln.strip() for ln in _LOG if re.search(pattern, ln, re.I) and ln.strip()]
+    """The calling thread's last llama.cpp log line that reports a problem."""
+    lines = [ln.strip() for ln in _log_ring() if re.search(pattern, ln, re.I) and ln.strip()]
     return lines[-1] if lines else "no detail in llama.cpp's log"
 
 
@@ -102,8 +112,9 @@ def cpu_description() -> str:
 
 
 def quantize(src: Path, dst: Path, /, *, tensor_types: Mapping[str, str] | None = None,
-             base: str = "q8_0", threads: int = 0) -> None:
-    """Quantize `src` into `dst`, giving every named tensor its type (llama-quantize --tensor-type).
+             base: str = "q8_0", threads: int = 0) -> int:
+    """Quantize `src` into `dst`, giving every named tensor its type (llama-quantize --tensor-type);
+    returns how many tensors llama.cpp had to give a fallback type.
 
     `tensor_types` maps exact tensor names to type names; tensors not named get `base`.
     `pure` disables llama.cpp's own mixing, so what is written is exactly what is asked, up to
@@ -125,15 +136,11 @@ def quantize(src: Path, dst: Path, /, *, tensor_types: Mapping[str, str] | None 
             overrides[i].type = int(qtype(type_name).ggml)
         overrides[len(tensor_types)].pattern = None
         params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(ll.llama_model_tensor_override))
-    _LOG.clear()
+    _log_ring().clear()
     rc = ll.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise EngineError(f"llama.cpp could not quantize {src}: {_recent_log()}")
-
-
-def fallback_count() -> int:
-    """How many tensors the last quantization had to give a fallback type (llama.cpp's warning)."""
-    for line in reversed(_LOG):
+    for line in reversed(_log_ring()):
         m = re.search(r"(\d+) of \d+ tensor\(s\) required fallback", line)
         if m:
             return int(m.group(1))
@@ -159,6 +166,7 @@ class Session:
     n_batch: int
     _batch: object
     _keepalive: tuple = ()
+    rows: ThreadPoolExecutor | None = None  # this session's threads for row-parallel numpy
 
     @property
     def _ll(self):
@@ -226,7 +234,7 @@ def open_session(path: Path, /, *, n_ctx: int = 512, n_batch: int | None = None,
     ll = _llama()
     mparams = ll.llama_model_default_params()
     mparams.n_gpu_layers = gpu_layers
-    _LOG.clear()
+    _log_ring().clear()
     model = ll.llama_model_load_from_file(str(path).encode(), mparams)
     if not model:
         raise ModelError(f"llama.cpp could not load {path}: {_recent_log()}")
@@ -259,10 +267,12 @@ def open_session(path: Path, /, *, n_ctx: int = 512, n_batch: int | None = None,
                       n_embd=ll.llama_model_n_embd(model),
                       add_bos=bool(ll.llama_vocab_get_add_bos(vocab)),
                       bos=int(ll.llama_vocab_bos(vocab)), n_batch=n_batch, _batch=batch,
-                      _keepalive=keep)
+                      _keepalive=keep, rows=ThreadPoolExecutor(
+                          max_workers=threads, thread_name_prefix="apreqel-rows"))
     try:
         yield session
     finally:
+        session.rows.shutdown()
         ll.llama_batch_free(batch)
         ll.llama_free(ctx)
         ll.llama_model_free(model)
@@ -356,16 +366,11 @@ class SparseLogprobs:
         return plogp - cross + lse * psum
 
 
-@cache
-def _row_pool() -> ThreadPoolExecutor:
-    """Threads for row-parallel numpy work (numpy releases the GIL inside its loops)."""
-    return ThreadPoolExecutor(max_workers=default_threads(), thread_name_prefix="apreqel-rows")
-
-
-def row_logsumexp(logits: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """log(sum(exp(row))) of each row in float32, on blocks of rows in parallel threads: the
-    exp over the whole vocabulary is most of the Python side of perplexity evaluation."""
-    workers = min(default_threads(), max(1, len(logits) // 16))
+def row_logsumexp(logits: np.ndarray, scratch: np.ndarray,
+                  pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """log(sum(exp(row))) of each row in float32, on blocks of rows in `pool`'s threads (numpy
+    releases the GIL): the exp over the vocabulary is most of perplexity's Python side."""
+    workers = 1 if pool is None else min(pool._max_workers, max(1, len(logits) // 16))
     if workers == 1:
         return _row_logsumexp(logits, scratch)
     out = np.empty(len(logits), dtype=np.float32)
@@ -374,7 +379,6 @@ def row_logsumexp(logits: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     def block(a: int, b: int) -> None:
         out[a:b] = _row_logsumexp(logits[a:b], scratch[a:b])
 
-    pool = _row_pool()
     for done in [pool.submit(block, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]:
         done.result()
     return out
@@ -417,7 +421,7 @@ def perplexity_chunks(session: Session, tokens: np.ndarray, /, *, n_ctx: int, n_
         session.clear()
         session.decode(chunk, outputs=outputs)
         logits = session.logits(n_ctx - first)[:n_scored]
-        lse = row_logsumexp(logits, scratch)
+        lse = row_logsumexp(logits, scratch, session.rows)
         targets = tokens[i * n_ctx + first + 1:(i + 1) * n_ctx]
         nll = (lse - logits[rows, targets]).astype(np.float64)
         kld = same = None
@@ -474,3 +478,74 @@ def capture_tensors(session: Session, tokens: Sequence[np.ndarray], /) -> None:
     for chunk in tokens:
         session.clear()
         session.decode(np.asarray(chunk, dtype=np.int32))
+
+
+# ---- serving: generation for the daemon's workers
+# Used only by apreqeld.runtime.worker, one loaded model per worker process.
+
+
+@dataclass
+class ServedToken:
+    """One streamed piece of text (usually one token) or, with `finish` set, the end."""
+
+    text: str
+    finish: str | None = None
+
+
+class ServingModel:
+    """A GGUF loaded for serving through llama-cpp-python's high-level `Llama` class."""
+
+    def __init__(self, path: Path, *, n_ctx: int, threads: int, gpu_layers: int = 0) -> None:
+        _llama()  # route llama.cpp's log into the ring buffer before anything loads
+        from llama_cpp import Llama
+
+        try:
+            self._llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads,
+                              n_threads_batch=threads, n_gpu_layers=gpu_layers, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"llama.cpp could not load {path}: {exc}; {_recent_log()}") from None
+        self.generated = 0  # tokens sampled by the last call
+
+    def warm_up(self) -> None:
+        """One real decode, so that the first request does not pay for page faults."""
+        self._llm.eval(self._llm.tokenize(b"Hello", add_bos=True))
+        self._llm.reset()
+
+    def _counter(self):
+        from llama_cpp import LogitsProcessorList
+
+        self.generated = 0
+
+        def count(_ids, scores):
+            self.generated += 1
+            return scores
+
+        return LogitsProcessorList([count])
+
+    def complete(self, prompt: str, *, max_tokens: int, temperature: float,
+                 stop: Sequence[str] = (), seed: int | None = None) -> Iterator[ServedToken]:
+        """Stream a plain completion of `prompt`."""
+        chunks = self._llm.create_completion(
+            prompt, max_tokens=max_tokens, temperature=temperature, stop=list(stop), seed=seed,
+            stream=True, logits_processor=self._counter())
+        for chunk in chunks:
+            choice = chunk["choices"][0]
+            yield ServedToken(choice.get("text") or "", choice.get("finish_reason"))
+
+    def chat(self, messages: Sequence[Mapping[str, str]], *, max_tokens: int,
+             temperature: float, stop: Sequence[str] = (),
+             seed: int | None = None) -> Iterator[ServedToken]:
+        """Stream a chat reply, formatted with the model's own chat template."""
+        chunks = self._llm.create_chat_completion(
+            [dict(m) for m in messages], max_tokens=max_tokens, temperature=temperature,
+            stop=list(stop), seed=seed, stream=True, logits_processor=self._counter())
+        for chunk in chunks:
+            choice = chunk["choices"][0]
+            yield ServedToken(choice.get("delta", {}).get("content") or "",
+                              choice.get("finish_reason"))
+
+    def prompt_tokens(self, text: str) -> int:
+        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=True))
+
+    def close(self) -> None:
+        self._llm.close()

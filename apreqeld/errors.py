@@ -19,3 +19,20 @@ class EngineError(ApreqelError):
 
 class PlanError(ApreqelError):
     """A plan is inconsistent, or a built file does not match its plan."""
+
+
+class DaemonError(ApreqelError):
+    """The daemon refused or failed a request; `code` names the kind (wire error code)."""
+
+    code = "failed"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class BusyError(DaemonError):
+    """The daemon's request queue is full: try again later."""
+
+    code = "busy"

@@ -27,17 +27,30 @@ def atomic_path(target: str | Path, *, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 is not what users expect
+        os.chmod(tmp_path, _file_mode(target))  # mkstemp's 0600 is not what users expect
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _file_mode(target: Path) -> int:
+    """The mode a replaced file keeps, else 0o666 less the umask (read without changing it)."""
+    try:
+        return target.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return 0o666 & ~process_umask()
+
+
+def process_umask() -> int:
+    """This process's umask from /proc/self/status; 0o022 where /proc does not say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def write_json_atomic(target: str | Path, data: object) -> Path:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 
-from apreqeld.study.analysis import average_bpw_by_category, robustness_table
+from apreqeld.study.analysis import PRIORITY, average_bpw_by_category, robustness_table
 from study_fixture import make_study
 
 
@@ -147,6 +148,26 @@ def test_fixture_study_is_consistent() -> None:
                                                      "Accuracy": 8}
     assert all(abs(sum(m["weights"]) - 1) < 1e-9 for m in study["models"])
     assert all(sum(m["distribution"].values()) == 60 for m in study["models"])
-    assert study["robustness"] == robustness_table(study["models"])
     assert json.loads(json.dumps(study)) == study
     assert make_study(0)["models"] == []
+
+
+def test_robustness_of_the_fixture_study_against_numpy() -> None:
+    """Table 2 of the 28-configuration fixture, recomputed with numpy: per category, the mean
+    of (value - best over all models); the best model is one that attains the minimum."""
+    models = make_study()["models"]
+    table = robustness_table(models)
+    categories = np.array([m["category"] for m in models])
+    for metric in ("memory_bytes", "latency_ms", "ppl"):
+        values = np.array([m["measured"][metric] for m in models], dtype=np.float64)
+        best = values.min()
+        for row in table["rows"]:
+            members = values[categories == row["category"]]
+            assert row["n_models"] == len(members)
+            assert row["diff"][metric] == pytest.approx((members - best).mean())
+            assert row["rel"][metric] == pytest.approx((members - best).mean() / abs(best))
+        winners = {m["name"] for m, v in zip(models, values, strict=True) if v == best}
+        assert table["best"][metric]["name"] in winners
+        assert table["best"][metric]["ok"] == any(
+            m["category"] == PRIORITY[metric] for m, v in zip(models, values, strict=True)
+            if v == best)

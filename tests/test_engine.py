@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +18,45 @@ from apreqeld.evidence.reference import Reference
 from apreqeld.evidence.workspace import Workspace
 from apreqeld.gguf.view import ModelView
 from apreqeld.resources import evaluation_text
-from conftest import THREADS, uniform_path
+from conftest import THREADS, TINY_BLOCK, uniform_path, write_tiny_gguf
 
 # --------------------------------------------------------------------------- pure helpers
+
+
+def _dense_logsumexp(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    top = x.max(axis=1, keepdims=True)
+    return (top + np.log(np.exp(x - top).sum(axis=1, keepdims=True)))[:, 0]
+
+
+@pytest.mark.parametrize("shift", [0.0, 100.0])
+def test_threaded_row_logsumexp_matches_float64(shift: float) -> None:
+    """The row-parallel path (blocks of rows in a session's pool) equals a dense float64
+    log-sum-exp, whatever the block boundaries."""
+    rng = np.random.default_rng(3)
+    logits = (rng.normal(scale=4.0, size=(131, 2000)) + shift).astype(np.float32)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        threaded = engine.row_logsumexp(logits, np.empty_like(logits), pool)
+    assert threaded == pytest.approx(_dense_logsumexp(logits), rel=1e-6)
+    assert threaded == pytest.approx(engine.row_logsumexp(logits, np.empty_like(logits)),
+                                     rel=1e-6)
+
+
+def test_kl_divergence_matches_a_dense_float64_computation() -> None:
+    """KL(reference || model) per row from the sparse reference equals the dense float64 sum
+    of p (log p - log q) over the tokens llama-perplexity keeps (reference log p > -16)."""
+    rng = np.random.default_rng(4)
+    ref_logits = rng.normal(scale=5.0, size=(7, 3000))
+    model_logits = (ref_logits + rng.normal(scale=0.5, size=ref_logits.shape)).astype(np.float32)
+    ref_logp = ref_logits - _dense_logsumexp(ref_logits)[:, None]
+    model_logp = model_logits.astype(np.float64) - _dense_logsumexp(model_logits)[:, None]
+    kept = ref_logp > engine.KLD_LOGPROB_FLOOR
+    assert not kept.all()  # the floor matters for these rows
+    dense = np.where(kept, np.exp(ref_logp) * (ref_logp - model_logp), 0.0).sum(axis=1)
+    sparse = engine.SparseLogprobs.from_logprobs(ref_logp)
+    lse = _dense_logsumexp(model_logits)
+    got = sparse.kl_divergence(model_logits, lse, sparse.flat_index(model_logits.shape[1]))
+    assert got == pytest.approx(dense, rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.parametrize("shift", [0.0, 100.0, -100.0])
@@ -65,7 +103,28 @@ def test_k_quant_fallbacks_are_what_llama_cpp_writes(
     assert pairs[("q5_K", 576, "q5_1")] and pairs[("iq4_xs", 576, "iq4_nl")]
     fell_back = sum(stored[t.name] != recipe[t.name] for t in quantizable)
     assert fell_back > 0
-    assert engine.fallback_count() == fell_back
+    assert engine.quantize(reference.path, tmp_path / "again.gguf", tensor_types=recipe,
+                           base="q8_0", threads=THREADS) == fell_back
+
+
+@pytest.mark.integration
+def test_llama_log_lines_stay_in_the_thread_that_caused_them(tmp_path: Path) -> None:
+    """llama.cpp's log is collected per thread: a failure in one thread is reported there and
+    leaves nothing in another thread's log (a daemon's requests do not see each other's)."""
+    tiny = write_tiny_gguf(tmp_path / "tiny.gguf", TINY_BLOCK, block_count=1)
+    errors: list[Exception] = []
+
+    def fail() -> None:
+        try:
+            engine.quantize(tiny, tmp_path / "out.gguf", base="q8_0", threads=THREADS)
+        except EngineError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=fail)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and "context_length" in str(errors[0])
+    assert "context_length" not in engine._recent_log()
 
 
 @pytest.mark.integration

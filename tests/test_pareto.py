@@ -1,6 +1,7 @@
 import itertools
 import math
 
+import moocore
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -133,17 +134,54 @@ def test_compare_sets_ideal_includes_candidates():
     assert result.gain == pytest.approx(-0.5)
 
 
-def test_compare_sets_zero_range_objective_and_zero_baseline_volume():
+def test_constant_objective_gives_the_uniform_set_no_volume():
+    """The paper's reference point is the worst uniform value: where an objective is constant
+    over the uniform set, every uniform point lies on it, so the uniform set has no volume and
+    the gain is undefined (None), never -100 %."""
     baseline = np.array([[1.0, 5.0], [3.0, 5.0]])
     candidates = np.array([[2.0, 5.0], [0.0, 6.0]])
+    assert moocore.hypervolume(baseline, ref=baseline.max(axis=0)) == 0.0  # raw objectives
     result = compare_sets(baseline, candidates)
-    # objective 2 has ideal == ref == 5: points at 5 map to 0, the point at 6 is excluded
-    assert result.hv_baseline == pytest.approx(2 / 3)
-    assert result.hv_candidates == pytest.approx(1 / 3)
+    assert result.hv_baseline == 0.0 and result.hv_candidates == 0.0
+    assert result.gain is None and result.gain_union is None
     single = compare_sets(np.array([[1.0, 1.0]]), np.array([[0.5, 0.5]]))
     assert single.hv_baseline == 0.0
     assert single.hv_candidates == pytest.approx(1.0)
-    assert math.isnan(single.gain) and math.isnan(single.gain_union)
+    assert single.gain is None and single.gain_union is None
+
+
+def test_constant_objective_with_a_moved_reference_point():
+    """Moved out by 10 %, the constant objective contributes a slab of width 0.1 (at 5 -> 1,
+    reference 1.1); the point worse than the constant (6) stays outside."""
+    result = compare_sets(np.array([[1.0, 5.0], [3.0, 5.0]]),
+                          np.array([[2.0, 5.0], [0.0, 6.0]]), margin=0.1)
+    # objective 1 normalised over [0, 3]: baseline 1/3 and 1, candidate 2/3
+    assert result.hv_baseline == pytest.approx((1.1 - 1 / 3) * 0.1)
+    assert result.hv_candidates == pytest.approx((1.1 - 2 / 3) * 0.1)
+    assert result.gain == pytest.approx((1.1 - 2 / 3) / (1.1 - 1 / 3) - 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 3).flatmap(lambda d: st.tuples(
+    arrays(np.float64, st.tuples(st.integers(1, 6), st.just(d)),
+           elements=st.floats(0, 10, allow_nan=False)),
+    arrays(np.float64, st.tuples(st.integers(1, 6), st.just(d)),
+           elements=st.floats(0, 10, allow_nan=False)),
+    st.sampled_from([0.0, 0.1, 0.5]))))
+def test_moved_reference_point_matches_raw_moocore(data):
+    """In raw units the moved reference point is ideal + (1 + margin)(ref - ideal) and every
+    volume is divided by the box's volume prod(ref - ideal): moocore on the raw points agrees."""
+    baseline, candidates, margin = data
+    ref, ideal = baseline.max(axis=0), np.vstack((baseline, candidates)).min(axis=0)
+    span = ref - ideal
+    if np.any(span < 1e-3):
+        return  # constant objectives have their own test
+    raw_ref = ideal + (1 + margin) * span
+    result = compare_sets(baseline, candidates, margin=margin)
+    for points, hv in ((baseline, result.hv_baseline), (candidates, result.hv_candidates),
+                       (np.vstack((baseline, candidates)), result.hv_union)):
+        assert hv == pytest.approx(moocore.hypervolume(points, ref=raw_ref) / np.prod(span),
+                                   rel=1e-9, abs=1e-12)
 
 
 def test_compare_sets_rejects_bad_input():

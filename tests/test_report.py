@@ -179,3 +179,15 @@ def test_renders_in_headless_chromium(page: str, tmp_path: Path) -> None:
                    capture_output=True, timeout=180, check=True)
     assert shot.exists() and shot.stat().st_size > 100_000
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_margin_label_follows_the_study_and_undefined_gain_is_said() -> None:
+    """The moved reference point is labelled with the study's own margin, and a uniform set
+    without volume gives an "undefined" gain, not a percentage."""
+    study = make_study(3)
+    hv = copy.deepcopy(study["hypervolume"]["ppl"])
+    study["hypervolume"]["ppl+margin"] = hv | {"margin": 0.25}
+    study["hypervolume"]["kld"] |= {"hv_uniform": 0.0, "gain": None, "gain_union": None}
+    page = render_report(study)
+    assert "reference point +25%" in page and "reference point +10%" not in page
+    assert "undefined" in page and "-100.00%" not in page

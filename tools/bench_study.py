@@ -17,6 +17,7 @@ from apreqeld.evidence.protocol import Protocol
 from apreqeld.evidence.workspace import Workspace
 from apreqeld.resources import default_model_path
 from apreqeld.study.run import run_study
+from apreqeld.workflow import PlanOptions
 
 
 def main() -> None:
@@ -39,11 +40,13 @@ def main() -> None:
         for _ in range(2):
             t0 = time.perf_counter()
             result = run_study(default_model_path(), out, workspace=workspace,
-                               protocol=protocol, configs=configs, types=args.types)
+                               options=PlanOptions(protocol=protocol, types=args.types),
+                               configs=configs)
             times.append(time.perf_counter() - t0)
         hv = result["hypervolume"].get("ppl", {})
-        print(f"distinct plans: {result['planning']['distinct_plans']}, "
-              f"HV gain (ppl): {100 * hv.get('gain', float('nan')):+.2f}%")
+        gain = hv.get("gain")
+        print(f"distinct plans: {result['planning']['distinct_plans']}, HV gain (ppl): "
+              + ("undefined" if gain is None else f"{100 * gain:+.2f}%"))
     print(f"study_cold_s: {times[0]:.1f}")
     print(f"study_warm_s: {times[1]:.1f}")
     print(f"study_warm_over_cold: {times[1] / times[0]:.3f}")

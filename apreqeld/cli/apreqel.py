@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect as pyinspect
 import math
 import sys
 import time
@@ -17,15 +18,18 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from apreqeld import workflow
+from apreqeld.core.contribution import DEFAULT_GAMMA
+from apreqeld.core.disturbance import CLEAN, disturbed_text, profile_latency_evidence
 from apreqeld.core.limits import build_limits
 from apreqeld.core.plans import distribution_text
 from apreqeld.core.weights import parse_weights
-from apreqeld.errors import ApreqelError
+from apreqeld.errors import ApreqelError, InputError
 from apreqeld.evidence.protocol import Protocol
 from apreqeld.evidence.workspace import Workspace
 from apreqeld.gguf.view import read_model
 from apreqeld.resources import resolve_model
 from apreqeld.storage import write_json_atomic
+from apreqeld.workflow import PlanOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Mixed-precision GGUF models that fit your device and your priorities.")
@@ -40,18 +44,26 @@ Workdir = Annotated[Path | None, typer.Option(
     "--workdir", help="cache of references and measurements (default $APREQEL_HOME or "
     "~/.cache/apreqel)")]
 Json = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]
-Chunks = Annotated[int, typer.Option("--chunks", help="perplexity chunks of --ctx tokens")]
-Ctx = Annotated[int, typer.Option("--ctx", help="perplexity context (llama-perplexity -c)")]
-NGen = Annotated[int, typer.Option("--n-gen", help="generated tokens per latency run (tg N)")]
-Reps = Annotated[int, typer.Option("--reps", help="latency repetitions after a warm-up")]
+# Measurement options default to None: the Protocol's defaults apply, and a given one is known.
+Chunks = Annotated[int | None, typer.Option(
+    "--chunks", help=f"perplexity chunks of --ctx tokens (default {Protocol.chunks})")]
+Ctx = Annotated[int | None, typer.Option(
+    "--ctx", help=f"perplexity context (llama-perplexity -c) (default {Protocol.n_ctx})")]
+NGen = Annotated[int | None, typer.Option(
+    "--n-gen", help=f"generated tokens per latency run (tg N) (default {Protocol.n_gen})")]
+Reps = Annotated[int | None, typer.Option(
+    "--reps", help=f"latency repetitions after a warm-up (default {Protocol.reps})")]
 Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: all)")]
-GpuLayers = Annotated[int, typer.Option(
-    "--gpu-layers", help="layers offloaded when llama.cpp has a GPU backend (llama-bench -ngl)")]
+GpuLayers = Annotated[int | None, typer.Option(
+    "--gpu-layers", help="layers offloaded when llama.cpp has a GPU backend (llama-bench -ngl)"
+    " (default 0)")]
+Gamma = Annotated[float, typer.Option(
+    "--gamma", help="layer-contribution threshold: reward below, penalty at or above")]
 Types = Annotated[str | None, typer.Option(
     "--types", help="comma list of types, or 'auto' for a fallback-free ladder "
     "(default: the paper's q3_K,q4_K,q5_K,q6_K,q8_0)")]
-Outside = Annotated[str, typer.Option(
-    "--outside-type", help="type of the token embedding/output in every model")]
+Outside = Annotated[str | None, typer.Option(
+    "--outside-type", help="type of the token embedding/output in every model (default q8_0)")]
 ProfileOpt = Annotated[Path | None, typer.Option(
     "--profile", help="device profile JSON measured elsewhere (skips measuring here)")]
 WeightsOpt = Annotated[str, typer.Option(
@@ -108,13 +120,77 @@ def progress_bar(title: str) -> Iterator[Callable[[str, float], None]]:
         yield update
 
 
-def _protocol(chunks: int, ctx: int, n_gen: int, reps: int, threads: int | None,
-              gpu_layers: int) -> Protocol:
-    kwargs = {"chunks": chunks, "n_ctx": ctx, "n_gen": n_gen, "reps": reps,
-              "gpu_layers": gpu_layers}
-    if threads is not None:
-        kwargs["threads"] = threads
-    return Protocol(**kwargs)
+def _protocol(chunks: int | None, ctx: int | None, n_gen: int | None, reps: int | None,
+              threads: int | None, gpu_layers: int | None) -> Protocol:
+    """The measurement protocol: the options given, Protocol's defaults for the rest."""
+    given = {"chunks": chunks, "n_ctx": ctx, "n_gen": n_gen, "reps": reps, "threads": threads,
+             "gpu_layers": gpu_layers}
+    return Protocol(**{k: v for k, v in given.items() if v is not None})
+
+
+# Options of the uniform measurements, which a device profile from elsewhere replaces, and of
+# the protocol, which a plan from such a profile uses only to measure built models.
+PROFILED = {"types": "--types", "outside_type": "--outside-type"}
+PROTOCOL = {"chunks": "--chunks", "ctx": "--ctx", "n_gen": "--n-gen", "reps": "--reps",
+            "gpu_layers": "--gpu-layers"}
+
+
+def _refuse_unused(given: dict, *, measures_built: bool) -> None:
+    """Measurement options that --profile would silently ignore are an error."""
+    if given["profile_path"] is None:
+        return
+    unused = PROFILED | ({} if measures_built else PROTOCOL)
+    clash = [flag for name, flag in unused.items() if given[name] is not None]
+    if clash:
+        raise InputError(f"{clash[0]} cannot be combined with --profile: the device profile "
+                         "was measured elsewhere, with its own types and protocol")
+
+
+def _plan_options(profile_path: ProfileOpt = None, types: Types = None,
+                  outside_type: Outside = None, estimator: Estimator = "proportional",
+                  accuracy: Accuracy = "ppl", calibration: Calibration = None,
+                  calibration_tokens: CalTokens = 2048, gamma: Gamma = DEFAULT_GAMMA,
+                  chunks: Chunks = None, ctx: Ctx = None, n_gen: NGen = None,
+                  reps: Reps = None, threads: Threads = None, gpu_layers: GpuLayers = None,
+                  max_size: MaxSize = None, max_latency: MaxLatency = None,
+                  max_ppl: MaxPpl = None, max_kld: MaxKld = None,
+                  allow_disturbed_latency: Annotated[bool, typer.Option(
+                      "--allow-disturbed-latency", help="plan even from latency measured "
+                      "under contention (the plan records it)")] = False) -> PlanOptions:
+    """The one PlanOptions of plan, optimize and study, every option checked before any work."""
+    return PlanOptions(
+        protocol=_protocol(chunks, ctx, n_gen, reps, threads, gpu_layers), types=types,
+        outside=outside_type or "q8_0", profile_path=profile_path, estimator=estimator,
+        accuracy=accuracy, calibration=calibration, calibration_tokens=calibration_tokens,
+        gamma=gamma, limits=build_limits(max_size=max_size, max_latency=max_latency,
+                                         max_ppl=max_ppl, max_kld=max_kld),
+        disturbed_latency="flag" if allow_disturbed_latency else "refuse")
+
+
+def with_plan_options(fn: Callable) -> Callable:
+    """Give a command the shared planning options; it receives them as one `options`. A command
+    that measures what it builds (study; optimize with --verify) uses the protocol options."""
+    shared = pyinspect.signature(_plan_options, eval_str=True).parameters
+    own = [p for p in pyinspect.signature(fn, eval_str=True).parameters.values()
+           if p.name != "options"]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        given = {name: kwargs.pop(name) for name in shared}
+        _refuse_unused(given, measures_built=kwargs.get("verify", fn.__name__ == "study"))
+        return fn(options=_plan_options(**given), **kwargs)
+
+    wrapper.__signature__ = pyinspect.Signature([*own, *shared.values()])
+    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters
+                               .values()}
+    return wrapper
+
+
+def _caveat(source: Path) -> None:
+    """The one-line warning of every accuracy report on a model stored below q8_0."""
+    note = workflow.accuracy_caveat(source)
+    if note:
+        err.print(f"[yellow]{note}[/]", highlight=False, soft_wrap=True)
 
 
 def _model(model: Path | None) -> Path:
@@ -156,8 +232,7 @@ def inspect(model: ModelArg = None, json_: Json = False) -> None:
 @app.command()
 @handled
 def profile(model: ModelArg = None, calibration: Calibration = None,
-            tokens: CalTokens = 2048,
-            gamma: Annotated[float, typer.Option(help="reward below, penalty at or above")] = 0.9,
+            tokens: CalTokens = 2048, gamma: Gamma = DEFAULT_GAMMA,
             threads: Threads = None, workdir: Workdir = None, json_: Json = False) -> None:
     """Layer contribution (paper §3.1): cosine of each sublayer's input and output."""
     source = _model(model)
@@ -191,25 +266,31 @@ def _metrics_table(rows: list[tuple[str, dict]], *, title: str | None = None) ->
 
 @app.command("measure-types")
 @handled
-def measure_types(model: ModelArg = None, types: Types = None, outside_type: Outside = "q8_0",
+def measure_types(model: ModelArg = None, types: Types = None, outside_type: Outside = None,
                   output: Annotated[Path, typer.Option("-o", "--output")] = Path(
                       "device-profile.json"),
-                  chunks: Chunks = 8, ctx: Ctx = 512, n_gen: NGen = 64, reps: Reps = 5,
-                  threads: Threads = None, gpu_layers: GpuLayers = 0,
+                  chunks: Chunks = None, ctx: Ctx = None, n_gen: NGen = None,
+                  reps: Reps = None, threads: Threads = None, gpu_layers: GpuLayers = None,
+                  remeasure: Annotated[list[str] | None, typer.Option(
+                      "--remeasure", help="re-time cached figures ('latency'): no rebuild of "
+                      "what is kept, no accuracy re-scoring")] = None,
                   workdir: Workdir = None, json_: Json = False) -> None:
     """Measure uniform types on this machine and write a portable device profile."""
-    source = _model(model)
     protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
+    options = PlanOptions(protocol=protocol, types=types, outside=outside_type or "q8_0")
+    source = _model(model)
     with progress_bar("measure") as bar:
         result = workflow.device_profile(source, workspace=Workspace(workdir),
-                                         protocol=protocol, types=types, outside=outside_type,
-                                         progress=bar)
+                                         protocol=protocol, types=options.types,
+                                         outside=options.outside, progress=bar,
+                                         remeasure=tuple(remeasure or ()))
     write_json_atomic(output, result)
     if json_:
         out.print_json(data=result)
-        return
-    _render_profile(result)
-    out.print(f"device profile written to {output}")
+    else:
+        _render_profile(result)
+        out.print(f"device profile written to {output}")
+    _caveat(source)
 
 
 def _render_profile(result: dict) -> None:
@@ -222,6 +303,10 @@ def _render_profile(result: dict) -> None:
         f"{p['chunks']}×{p['n_ctx']} tokens of {p['text']} ({p['tokens_scored']} scored), "
         f"tg{p['n_gen']}×{p['reps']}")))
     out.print(f"reference: {ref['note']}; outside sublayers: {result['policy']['outside_type']}")
+    warning = disturbed_text(profile_latency_evidence(result))
+    if warning:
+        out.print(f"[yellow]measured under contention[/]: {warning}; re-time with "
+                  "`apreqel measure-types --remeasure latency` when the machine is quieter")
     for name in result["types"]:
         eff = result["uniform"][name]["effective_types"]
         if set(eff) != {name}:
@@ -235,8 +320,8 @@ def measure(model: Annotated[Path, typer.Argument(help="any GGUF file")],
             reference: Annotated[Path | None, typer.Option(
                 "--reference", help="model whose F16 reference the KL divergence is taken "
                 "against (default: no KL divergence)")] = None,
-            chunks: Chunks = 8, ctx: Ctx = 512, n_gen: NGen = 64, reps: Reps = 5,
-            threads: Threads = None, gpu_layers: GpuLayers = 0, workdir: Workdir = None,
+            chunks: Chunks = None, ctx: Ctx = None, n_gen: NGen = None, reps: Reps = None,
+            threads: Threads = None, gpu_layers: GpuLayers = None, workdir: Workdir = None,
             json_: Json = False) -> None:
     """Measure one GGUF with the same protocol as the uniform types."""
     protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
@@ -246,27 +331,20 @@ def measure(model: Annotated[Path, typer.Argument(help="any GGUF file")],
                                       progress=bar)
     if json_:
         out.print_json(data=result)
-        return
-    out.print(_metrics_table([(Path(result["model"]).name, result)]))
+    else:
+        out.print(_metrics_table([(Path(result["model"]).name, result)]))
+    if reference is not None:
+        _caveat(reference)
 
 
-def _plan_common(model: Path | None, weights: str, profile_path: Path | None,
-                 types: str | None, outside_type: str, estimator: str, accuracy: str,
-                 calibration: Path | None, calibration_tokens: int, protocol: Protocol,
-                 workdir: Path | None, max_size: str | None, max_latency: float | None,
-                 max_ppl: float | None, max_kld: float | None) -> tuple[Path, Workspace, dict]:
+def _plan(model: Path | None, weights: str, options: PlanOptions,
+          workdir: Path | None) -> tuple[Path, Workspace, dict]:
+    """Check the weights and the model, then plan (measuring what is not cached)."""
     w = parse_weights(weights)
-    limits = build_limits(max_size=max_size, max_latency=max_latency, max_ppl=max_ppl,
-                          max_kld=max_kld)
     source = _model(model)
     workspace = Workspace(workdir)
     with progress_bar("plan") as bar:
-        plan_data = workflow.plan(source, w, workspace=workspace, protocol=protocol, types=types,
-                                  outside=outside_type, profile_path=profile_path,
-                                  estimator=estimator, accuracy=accuracy,
-                                  calibration=str(calibration) if calibration else None,
-                                  calibration_tokens=calibration_tokens, limits=limits,
-                                  progress=bar)
+        plan_data = workflow.plan(source, w, workspace=workspace, options=options, progress=bar)
     return source, workspace, plan_data
 
 
@@ -284,12 +362,20 @@ def _render_plan(plan_data: dict) -> None:
               f"({plan_data['bits_per_weight']:.2f} bits/weight)")
     out.print(f"predicted: {_mib(p['memory_bytes'])} MiB (exact {_mib(p['memory_bytes_exact'])}"
               f" MiB), {p['latency_ms']:.2f} ms/token, PPL {p['ppl']:.3f}, KLD {p['kld']:.4f}")
+    _latency_warning(plan_data)
     table = Table("block", "attention", "FFN")
     alloc = plan_data["allocation"]
     n_blocks = len(alloc) // 2
     for b in range(n_blocks):
         table.add_row(str(b), alloc[f"blk.{b}.attn"], alloc[f"blk.{b}.ffn"])
     out.print(table)
+
+
+def _latency_warning(plan_data: dict, prefix: str = "") -> None:
+    """Say when a plan's latency figures were measured under contention."""
+    warning = plan_data.get("evidence", {}).get("latency", {}).get("warning")
+    if warning:
+        out.print(f"[yellow]{prefix}measured under contention[/]: {warning}")
 
 
 def _render_verification(plan_data: dict, measured: dict) -> None:
@@ -309,53 +395,36 @@ def _render_verification(plan_data: dict, measured: dict) -> None:
 
 @app.command("plan")
 @handled
-def plan_cmd(model: ModelArg = None, weights: WeightsOpt = "1,1,1",
-             dry_run: Annotated[bool, typer.Option(
-                 "--dry-run", help="show the plan without building (plan never builds)")] = True,
+@with_plan_options
+def plan_cmd(options: PlanOptions, model: ModelArg = None, weights: WeightsOpt = "1,1,1",
              output: Annotated[Path | None, typer.Option(
                  "-o", "--output", help="save the plan JSON here")] = None,
-             profile_path: ProfileOpt = None, types: Types = None,
-             outside_type: Outside = "q8_0", estimator: Estimator = "proportional",
-             accuracy: Accuracy = "ppl", calibration: Calibration = None,
-             calibration_tokens: CalTokens = 2048, chunks: Chunks = 8, ctx: Ctx = 512,
-             n_gen: NGen = 64, reps: Reps = 5, threads: Threads = None,
-             gpu_layers: GpuLayers = 0, max_size: MaxSize = None,
-             max_latency: MaxLatency = None, max_ppl: MaxPpl = None, max_kld: MaxKld = None,
              workdir: Workdir = None, json_: Json = False) -> None:
     """Show the plan for your weights without building it."""
-    protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
-    _, _, plan_data = _plan_common(model, weights, profile_path, types, outside_type,
-                                   estimator, accuracy, calibration, calibration_tokens,
-                                   protocol, workdir, max_size, max_latency, max_ppl, max_kld)
+    source, _, plan_data = _plan(model, weights, options, workdir)
     if output is not None:
         write_json_atomic(output, plan_data)
     if json_:
         out.print_json(data=plan_data)
-        return
-    _render_plan(plan_data)
-    if output is not None:
-        out.print(f"plan written to {output}; build it with `apreqel build --plan {output}`")
+    else:
+        _render_plan(plan_data)
+        if output is not None:
+            out.print(f"plan written to {output}; build it with `apreqel build --plan {output}`")
+    _caveat(source)
 
 
 @app.command()
 @handled
-def optimize(output: Annotated[Path, typer.Option("-o", "--output", help="the GGUF to write")],
+@with_plan_options
+def optimize(options: PlanOptions,
+             output: Annotated[Path, typer.Option("-o", "--output", help="the GGUF to write")],
              model: ModelArg = None, weights: WeightsOpt = "1,1,1",
              verify: Annotated[bool, typer.Option(
                  "--verify", help="measure the built model; print predicted vs measured")] = False,
-             profile_path: ProfileOpt = None, types: Types = None,
-             outside_type: Outside = "q8_0", estimator: Estimator = "proportional",
-             accuracy: Accuracy = "ppl", calibration: Calibration = None,
-             calibration_tokens: CalTokens = 2048, chunks: Chunks = 8, ctx: Ctx = 512,
-             n_gen: NGen = 64, reps: Reps = 5, threads: Threads = None,
-             gpu_layers: GpuLayers = 0, max_size: MaxSize = None,
-             max_latency: MaxLatency = None, max_ppl: MaxPpl = None, max_kld: MaxKld = None,
              workdir: Workdir = None) -> None:
     """Plan and build the mixed-precision GGUF that best serves your weights."""
-    protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
-    source, workspace, plan_data = _plan_common(
-        model, weights, profile_path, types, outside_type, estimator, accuracy, calibration,
-        calibration_tokens, protocol, workdir, max_size, max_latency, max_ppl, max_kld)
+    protocol = options.protocol
+    source, workspace, plan_data = _plan(model, weights, options, workdir)
     _render_plan(plan_data)
     with progress_bar("build") as bar:
         built = workflow.build(plan_data, output, source=source, workspace=workspace,
@@ -367,17 +436,20 @@ def optimize(output: Annotated[Path, typer.Option("-o", "--output", help="the GG
             measured = workflow.verify(built, plan_data, source=source, workspace=workspace,
                                        protocol=protocol, progress=bar)
         _render_verification(plan_data, measured)
+    _caveat(source)
 
 
 @app.command("build")
 @handled
 def build_cmd(plan_path: Annotated[Path, typer.Option("--plan", help="a saved plan JSON")],
               output: Annotated[Path, typer.Option("-o", "--output", help="the GGUF to write")],
-              model: ModelArg = None, threads: Threads = None,
-              workdir: Workdir = None) -> None:
+              model: Annotated[Path | None, typer.Option(
+                  "--model", help="the source model (default: the one the plan records)",
+                  show_default=False)] = None,
+              threads: Threads = None, workdir: Workdir = None) -> None:
     """Replay a saved plan: the same model, byte for byte."""
     plan_data = workflow.load_plan(plan_path)
-    source = _model(model)
+    source = _model(workflow.plan_source(plan_data, model))
     with progress_bar("build") as bar:
         built = workflow.build(plan_data, output, source=source, workspace=Workspace(workdir),
                                threads=threads or 0, progress=lambda s: bar(s, 0.5))
@@ -387,14 +459,16 @@ def build_cmd(plan_path: Annotated[Path, typer.Option("--plan", help="a saved pl
 @app.command()
 @handled
 def demo(output: Annotated[Path, typer.Option(
-             "--out", help="folder for the built models")] = Path("apreqel-demo"),
+             "-o", "--output", help="folder for the built models")] = Path("apreqel-demo"),
          model: ModelArg = None, types: Types = None, chunks: Chunks = 2, ctx: Ctx = 512,
          n_gen: NGen = 32, reps: Reps = 3, calibration_tokens: CalTokens = 1024,
-         threads: Threads = None, workdir: Workdir = None) -> None:
+         threads: Threads = None, gpu_layers: GpuLayers = 0, workdir: Workdir = None) -> None:
     """Three contrasting priorities on the default model, each built and verified."""
     started = time.time()
+    protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
+    options = PlanOptions(protocol=protocol, types=types, calibration_tokens=calibration_tokens,
+                          disturbed_latency="flag")
     source = _model(model)
-    protocol = _protocol(chunks, ctx, n_gen, reps, threads, 0)
     workspace = Workspace(workdir)
     rows = []
     with progress_bar("demo") as bar:
@@ -402,8 +476,7 @@ def demo(output: Annotated[Path, typer.Option(
             def step(what: str, fraction: float, i: int = i, name: str = name) -> None:
                 bar(f"{name}: {what}", (i + fraction) / len(workflow.DEMO_WEIGHTS))
 
-            plan_data = workflow.plan(source, weights, workspace=workspace, protocol=protocol,
-                                      types=types, calibration_tokens=calibration_tokens,
+            plan_data = workflow.plan(source, weights, workspace=workspace, options=options,
                                       progress=step)
             built = workflow.build(plan_data, output / f"{name}.gguf", source=source,
                                    workspace=workspace, threads=protocol.threads,
@@ -425,24 +498,26 @@ def demo(output: Annotated[Path, typer.Option(
                       f"{pr['latency_ms']:.2f} → {m['latency_ms']:.2f}",
                       f"{pr['ppl']:.2f} → {m['ppl']:.2f}", f"{pr['kld']:.4f} → {m['kld']:.4f}")
     out.print(table)
+    _latency_warning(rows[0][2], prefix="predicted latency ")
+    for name, _, _, m in rows:
+        if m.get("latency_quality", CLEAN) != CLEAN:
+            out.print(f"[yellow]{name}: measured latency under contention[/]: "
+                      f"{m.get('latency', {}).get('reason') or m['latency_quality']}")
     out.print(f"models, plans and llama-quantize recipes in {output}/ "
               f"({time.time() - started:.0f} s)")
+    _caveat(source)
 
 
 @app.command()
 @handled
-def study(model: ModelArg = None,
-          out_dir: Annotated[Path, typer.Option("--out", help="folder for study.json, "
+@with_plan_options
+def study(options: PlanOptions, model: ModelArg = None,
+          out_dir: Annotated[Path, typer.Option("-o", "--output", help="folder for study.json, "
                                                 "report.html and the built models")] = Path(
               "apreqel-study"),
           configs: Annotated[Path | None, typer.Option(
               "--configs", help="your own weight configurations (JSON list or 'm,l,a [category]"
               " [name]' lines); default: the paper's 28")] = None,
-          types: Types = None, outside_type: Outside = "q8_0",
-          estimator: Estimator = "proportional", accuracy: Accuracy = "ppl",
-          calibration: Calibration = None, calibration_tokens: CalTokens = 2048,
-          chunks: Chunks = 8, ctx: Ctx = 512, n_gen: NGen = 64, reps: Reps = 5,
-          threads: Threads = None, gpu_layers: GpuLayers = 0,
           interleave: Annotated[bool, typer.Option(
               "--interleave/--no-interleave", help="re-time all models in interleaved rounds "
               "(robust to a machine whose speed drifts); --no-interleave keeps each model's "
@@ -458,25 +533,26 @@ def study(model: ModelArg = None,
         if not configs.is_file():
             fail(f"configs file not found: {configs}")
         chosen = parse_configs(configs.read_text())
-    protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
+    source = _model(model)
     with progress_bar("study") as bar:
-        result = run_study(_model(model), out_dir, workspace=Workspace(workdir),
-                           protocol=protocol, configs=chosen, types=types, outside=outside_type,
-                           accuracy=accuracy, estimator=estimator,
-                           calibration=str(calibration) if calibration else None,
-                           calibration_tokens=calibration_tokens, interleave=interleave,
+        result = run_study(source, out_dir, workspace=Workspace(workdir), options=options,
+                           configs=chosen, interleave=interleave,
                            command=" ".join(["apreqel", *sys.argv[1:]]), progress=bar)
     _render_study(result)
     out.print(f"study.json and report.html in {out_dir}/ ({result['timing']['total_s']:.0f} s)")
+    _caveat(source)
 
 
 def _render_study(result: dict) -> None:
+    from apreqeld.study.report import gain_text, margin_label
+
     table = Table("accuracy objective", "HV uniform", "HV APreQEL", "HV union", "gain",
                   "gain (union)", title="hypervolume (memory, latency, accuracy; paper Table 1)")
-    for acc, hv in result["hypervolume"].items():
-        table.add_row(acc, f"{hv['hv_uniform']:.4f}", f"{hv['hv_apreqel']:.4f}",
-                      f"{hv['hv_union']:.4f}", f"{100 * hv['gain']:+.2f}%",
-                      f"{100 * hv['gain_union']:+.2f}%")
+    for key, hv in result["hypervolume"].items():
+        label = key.split("+")[0] + (margin_label(hv.get("margin")) if "+" in key else "")
+        table.add_row(label, f"{hv['hv_uniform']:.4f}", f"{hv['hv_apreqel']:.4f}",
+                      f"{hv['hv_union']:.4f}", gain_text(hv, "gain"),
+                      gain_text(hv, "gain_union"))
     out.print(table)
     rob = result.get("robustness") or {}
     if rob:
@@ -491,6 +567,31 @@ def _render_study(result: dict) -> None:
         for metric, best in rob["best"].items():
             mark = "[green]✓[/]" if best["ok"] else "[red]✗[/]"
             out.print(f"{mark} best {metric}: {best['name']} ({best['category']})")
+
+
+@app.command()
+@handled
+def cache(clear: Annotated[bool, typer.Option(
+              "--clear", help="delete everything cached (refused while another apreqel process "
+              "uses the work directory)")] = False,
+          workdir: Workdir = None, json_: Json = False) -> None:
+    """What the work directory holds, by kind and size; --clear empties it."""
+    workspace = Workspace(workdir)
+    if clear:
+        workspace.clear()
+    usage = workspace.usage()
+    if json_:
+        out.print_json(data={"root": str(workspace.root), "clear": clear,
+                             "kinds": {k: {"files": n, "bytes": b}
+                                       for k, (n, b) in usage.items()}})
+        return
+    table = Table("kind", "files", "MiB", title=f"{workspace.root}"
+                  + (" (cleared)" if clear else ""))
+    for kind, (n, size) in usage.items():
+        table.add_row(kind, str(n), _mib(size))
+    table.add_row("total", str(sum(n for n, _ in usage.values())),
+                  _mib(sum(b for _, b in usage.values())))
+    out.print(table)
 
 
 @app.command()
@@ -510,6 +611,116 @@ def report(out_dir: Annotated[Path, typer.Argument(help="a study folder")]) -> N
         fail(f"study.json is not valid JSON: {exc}")
     _, html = write_study(data, out_dir)
     out.print(f"report written to {html}")
+
+
+# --------------------------------------------------------------------------- plan sets (issue 8)
+
+
+class _PlansetGroup(typer.core.TyperGroup):
+    """`apreqel planset [MODEL] -o DIR` runs `planset run`; `planset materialize DIR` rebuilds."""
+
+    def parse_args(self, ctx, args):  # click's signature
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+planset_app = typer.Typer(cls=_PlansetGroup, add_completion=False, help=(
+    "Plan sets: the measured Pareto set of mixed and uniform GGUFs the daemon serves from. "
+    "`apreqel planset [MODEL] -o plans/NAME` makes one; `apreqel planset materialize "
+    "plans/NAME` rebuilds its GGUFs byte for byte."))
+app.add_typer(planset_app, name="planset")
+StateDir = Annotated[Path | None, typer.Option(
+    "--state-dir", help="where member GGUFs are built (default $APREQEL_HOME/state)")]
+
+
+@planset_app.command("run")
+@handled
+def planset_run(
+        output: Annotated[Path, typer.Option("-o", "--output", help="plan-set folder, e.g. "
+                                             "plans/NAME")],
+        model: ModelArg = None, types: Types = None, outside_type: Outside = None,
+        step: Annotated[float, typer.Option("--step", help="weight grid step (0.1: 66 "
+                                            "vectors)")] = 0.1,
+        paper: Annotated[bool, typer.Option("--paper/--no-paper", help="add the paper's 28 "
+                                            "weight configurations to the grid")] = True,
+        weights_file: Annotated[Path | None, typer.Option(
+            "--weights-file", help="weight vectors instead of the grid (JSON list or "
+            "'m,l,a [category] [name]' lines)")] = None,
+        estimator: Annotated[str, typer.Option("--estimator", help="'exact' or "
+                                               "'proportional'")] = "exact",
+        accuracy: Annotated[str, typer.Option("--accuracy", help="accuracy objective of the "
+                                              "plans and the front: 'kld' or 'ppl'")] = "kld",
+        calibration: Calibration = None, calibration_tokens: CalTokens = 2048,
+        chunks: Chunks = None, ctx: Ctx = None, n_gen: NGen = None, reps: Reps = None,
+        threads: Threads = None, gpu_layers: GpuLayers = None,
+        serving_ctx: Annotated[int, typer.Option("--serving-ctx", help="context length the "
+                                                 "footprint is measured with")] = 2048,
+        condition: Annotated[str | None, typer.Option(
+            "--condition", help="re-time the existing members of -o under the machine's "
+            "current condition (e.g. a power mode) and record it under this name")] = None,
+        state_dir: StateDir = None, workdir: Workdir = None) -> None:
+    """Plan a weight grid, build and measure each distinct plan, keep the measured front."""
+    from apreqeld.planset import record_condition, run_planset
+
+    workspace = Workspace(workdir)
+    if condition is not None:
+        with progress_bar(f"condition {condition}") as bar:
+            result = record_condition(output, condition, workspace=workspace,
+                                      state_dir=state_dir, source=model, progress=bar)
+        _render_planset(result, condition=condition)
+        return
+    protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
+    started = time.time()
+    with progress_bar("planset") as bar:
+        result = run_planset(_model(model), output, workspace=workspace, protocol=protocol,
+                             types=types, outside=outside_type or "q8_0", step=step,
+                             paper=paper, weights_file=weights_file, estimator=estimator,
+                             accuracy=accuracy,
+                             calibration=str(calibration) if calibration else None,
+                             calibration_tokens=calibration_tokens, serving_ctx=serving_ctx,
+                             state_dir=state_dir, progress=bar)
+    _render_planset(result)
+    out.print(f"{len(result.members)} members ({len(result.pareto_members)} on the measured "
+              f"front) written to {output}/ ({time.time() - started:.0f} s)")
+
+
+@planset_app.command("materialize")
+@handled
+def planset_materialize(
+        folder: Annotated[Path, typer.Argument(help="plan-set folder or planset.json")],
+        state_dir: StateDir = None,
+        model: Annotated[Path | None, typer.Option(
+            "--model", help="the source model (default: the default model when its sha256 "
+            "matches the manifest)")] = None,
+        workdir: Workdir = None) -> None:
+    """Rebuild every member's GGUF from its recipe and check its sha256 against the manifest."""
+    from apreqeld.manifest import load_planset
+    from apreqeld.planset import materialize
+
+    planset = load_planset(folder)
+    workspace = Workspace(workdir)
+    target = state_dir or workspace.root / "state"
+    with progress_bar("materialize") as bar:
+        paths = materialize(planset, target, source=model, workspace=workspace, progress=bar)
+    out.print(f"{len(paths)} members in {target}, every sha256 matches the manifest")
+
+
+def _render_planset(planset: object, *, condition: str | None = None) -> None:
+    acc = planset.accuracy
+    table = Table("id", "kind", "label", "footprint MiB", "params MiB", "ms/token (median ± IQR)",
+                  *([f"{condition} ms/token"] if condition else []), "KLD", "PPL", "front",
+                  title=f"{planset.name}: {planset.model.name}, serving ctx "
+                        f"{planset.serving.n_ctx}, front over footprint, ms/token, {acc}")
+    for m in sorted(planset.members, key=lambda m: m.measured.footprint_bytes):
+        x = m.measured
+        extra = [f"{m.conditions[condition].median_ms:.2f} ± {m.conditions[condition].iqr_ms:.2f}"
+                 ] if condition else []
+        table.add_row(m.id, m.kind, m.label, _mib(x.footprint_bytes), _mib(x.parameter_bytes),
+                      f"{x.latency.median_ms:.2f} ± {x.latency.iqr_ms:.2f}", *extra,
+                      f"{x.kld:.4f} ± {x.kld_se:.4f}", f"{x.ppl:.3f} ± {x.ppl_se:.3f}",
+                      "✓" if m.pareto else f"× {len(m.dominated_by)}")
+    out.print(table)
 
 
 def main() -> None:  # pragma: no cover - entry point

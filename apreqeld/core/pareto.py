@@ -17,7 +17,8 @@ NORMALISATION = (
     "each objective x is mapped to (x - ideal) / (ref - ideal), ideal being the per-objective "
     "minimum over baseline and candidates and ref the per-objective maximum over the baseline, "
     "so the reference point is (1, ..., 1) and the box [ideal, ref] has volume 1; an objective "
-    "with ref == ideal maps points at that value to 0 and points worse than ref to 2"
+    "constant over the baseline and never bettered maps points at that value to 1 (on the "
+    "reference point, as in the raw objective: no volume) and points worse than ref to 2"
 )
 
 
@@ -30,8 +31,8 @@ class HypervolumeComparison:
     hv_baseline: float
     hv_candidates: float
     hv_union: float
-    gain: float
-    gain_union: float
+    gain: float | None  # None when the baseline has no volume (the gain is undefined)
+    gain_union: float | None
     normalisation: str
 
 
@@ -67,7 +68,9 @@ def compare_sets(baseline: np.ndarray, candidates: np.ndarray, /, *,
 
     The reference point is the worst value of each objective in the baseline; all points are
     normalised as described by ``NORMALISATION``. gain = (hv_candidates - hv_baseline) /
-    hv_baseline, and likewise for the union; both are NaN when hv_baseline is 0.
+    hv_baseline, and likewise for the union; both are None (undefined) when hv_baseline is 0,
+    as when an objective is constant over the baseline and no candidate betters it (the
+    paper's definition: every baseline point lies on the reference point there).
     With the paper's reference point a baseline point that is worst in any objective adds no
     volume; `margin` > 0 moves the normalised reference point to (1 + margin, ...), the usual
     remedy, so that extreme points count too.
@@ -90,7 +93,7 @@ def compare_sets(baseline: np.ndarray, candidates: np.ndarray, /, *,
         span = ref - ideal
         flat = span == 0
         scaled = (points - ideal) / np.where(flat, 1.0, span)
-        return np.where(flat, np.where(points > ref, 2.0, 0.0), scaled)
+        return np.where(flat, np.where(points > ref, 2.0, 1.0), scaled)
 
     hv_base = hypervolume(normalise(base), ref=one)
     hv_cand = hypervolume(normalise(cand), ref=one)
@@ -109,10 +112,10 @@ def compare_sets(baseline: np.ndarray, candidates: np.ndarray, /, *,
     )
 
 
-def _relative_gain(value: float, baseline: float) -> float:
-    """(value - baseline) / baseline, NaN when the baseline volume is 0."""
+def _relative_gain(value: float, baseline: float) -> float | None:
+    """(value - baseline) / baseline, None (undefined) when the baseline volume is 0."""
     if baseline == 0:
-        return float("nan")
+        return None
     return (value - baseline) / baseline
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from apreqeld import __version__
 from apreqeld.core.allocation import allocate, rank_order
 from apreqeld.core.candidates import exact_memory, proportional_metrics
+from apreqeld.core.disturbance import DISTURBED, disturbed_text, profile_latency_evidence
 from apreqeld.core.qtypes import qtype
 from apreqeld.core.recipes import ModelShape, expected_types, llama_quantize_recipe, tensor_recipe
 from apreqeld.core.topsis import rank_distributions
@@ -23,6 +24,7 @@ from apreqeld.errors import PlanError
 ACCURACY_METRICS = ("ppl", "kld")
 ESTIMATORS = ("proportional", "exact")
 PREDICTED = ("memory_bytes", "latency_ms", "ppl", "kld")
+DISTURBED_POLICIES = ("refuse", "flag")
 
 
 def cost_matrix(device_profile: Mapping, /, *, columns: Sequence[str]) -> np.ndarray:
@@ -46,20 +48,33 @@ def _check_same_model(device_profile: Mapping, layer_profile: Mapping, sha256: s
         raise PlanError("the layer profile was computed on another model")
 
 
-def make_plan(view: ModelShape, sha256: str, device_profile: Mapping, layer_profile: Mapping,
-              weights: Sequence[float], /, *, estimator: str = "proportional",
-              accuracy: str = "ppl", limits: Mapping[str, float] | None = None) -> dict:
-    """Rank every distribution by TOPSIS, allocate by contribution (Algorithm 1), and return
-    the plan with its recipe and predicted metrics.
-
-    `limits` (upper bounds on memory_bytes, latency_ms, ppl, kld) restrict the candidates
-    before ranking; memory is bounded with the exact estimate, the rest proportionally."""
+def check_choices(*, estimator: str, accuracy: str, limits: Mapping[str, float]) -> None:
+    """Refuse an unknown estimator, accuracy metric or limit (before any work is done)."""
     if estimator not in ESTIMATORS:
         raise PlanError(f"unknown estimator '{estimator}' (choose {', '.join(ESTIMATORS)})")
     if accuracy not in ACCURACY_METRICS:
         raise PlanError(f"unknown accuracy metric '{accuracy}' "
                         f"(choose {', '.join(ACCURACY_METRICS)})")
+    unknown = set(limits) - set(PREDICTED)
+    if unknown:
+        raise PlanError(f"unknown limit '{sorted(unknown)[0]}' (choose {', '.join(PREDICTED)})")
+
+
+def make_plan(view: ModelShape, sha256: str, device_profile: Mapping, layer_profile: Mapping,
+              weights: Sequence[float], /, *, estimator: str = "proportional",
+              accuracy: str = "ppl", limits: Mapping[str, float] | None = None,
+              disturbed: str = "flag") -> dict:
+    """Rank every distribution by TOPSIS, allocate by contribution (Algorithm 1), and return
+    the plan with its recipe and predicted metrics.
+
+    `limits` (upper bounds on memory_bytes, latency_ms, ppl, kld) restrict the candidates
+    before ranking; memory is bounded with the exact estimate, the rest proportionally.
+    The plan records its latency evidence and quality; `disturbed="refuse"` refuses disturbed
+    latency where it steers the plan (a latency weight or limit)."""
+    limits = dict(limits or {})
+    check_choices(estimator=estimator, accuracy=accuracy, limits=limits)
     _check_same_model(device_profile, layer_profile, sha256)
+    latency = latency_evidence(device_profile, weights, limits, disturbed=disturbed)
     types = [qtype(n) for n in device_profile["types"]]
     outside = qtype(device_profile["policy"]["outside_type"])
     sublayers = {s["name"]: s for s in layer_profile["sublayers"]}
@@ -76,10 +91,6 @@ def make_plan(view: ModelShape, sha256: str, device_profile: Mapping, layer_prof
     def exact(z: np.ndarray) -> np.ndarray:
         return exact_memory(z, bytes_by_rank, outside_bytes=outside_bytes)
 
-    limits = dict(limits or {})
-    unknown = set(limits) - set(PREDICTED)
-    if unknown:
-        raise PlanError(f"unknown limit '{sorted(unknown)[0]}' (choose {', '.join(PREDICTED)})")
     all_costs = cost_matrix(device_profile, columns=PREDICTED)
 
     def feasible(z: np.ndarray) -> np.ndarray:
@@ -132,10 +143,28 @@ def make_plan(view: ModelShape, sha256: str, device_profile: Mapping, layer_prof
             "device_profile": {k: device_profile[k] for k in ("device", "protocol", "created")},
             "device_profile_sha256": canonical_sha256(device_profile),
             "layer_profile": {k: layer_profile[k] for k in ("text", "token_range", "gamma")},
+            "latency": latency,
         },
     }
     plan["plan_id"] = plan_id(plan)
     return plan
+
+
+def latency_evidence(device_profile: Mapping, weights: Sequence[float],
+                     limits: Mapping[str, float], /, *, disturbed: str = "flag") -> dict:
+    """The latency figures a plan uses, their quality, and whether they steer the plan;
+    raises when `disturbed` is "refuse" and disturbed figures would steer it."""
+    if disturbed not in DISTURBED_POLICIES:
+        raise PlanError(f"unknown disturbed-latency policy '{disturbed}' "
+                        f"(choose {', '.join(DISTURBED_POLICIES)})")
+    evidence = profile_latency_evidence(device_profile)
+    steers = float(weights[1]) > 0 or "latency_ms" in limits
+    if steers and disturbed == "refuse" and evidence["quality"] == DISTURBED:
+        raise PlanError(f"{disturbed_text(evidence)}: a busy machine would steer this plan; "
+                        "re-time with `apreqel measure-types --remeasure latency` when it is "
+                        "quieter, or plan with --allow-disturbed-latency")
+    return evidence | {"steers_plan": steers, "policy": disturbed,
+                       "warning": disturbed_text(evidence)}
 
 
 def _check_reachable(limits: Mapping[str, float], costs: np.ndarray,

@@ -3,6 +3,7 @@ it ran on, and the progress callback every long job reports through."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -61,3 +62,10 @@ def machine_description(protocol: Protocol) -> dict:
             "llama_cpp": engine.engine_version(), "system_info": engine.system_info()}
 
 
+
+
+def machine_fingerprint() -> dict:
+    """What a cached measurement depends on about the machine: CPU model, cores, llama.cpp
+    build, GPU backend (a measurement made elsewhere is never taken for this machine's)."""
+    return {"cpu": engine.cpu_description(), "cores": os.cpu_count(),
+            "llama_cpp": engine.engine_version(), "gpu_backend": engine.gpu_offload_supported()}

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from apreqeld import engine
+from apreqeld.core.qtypes import qtype
 from apreqeld.errors import InputError
 from apreqeld.evidence.protocol import Progress, Protocol, no_progress
 from apreqeld.evidence.workspace import Workspace
@@ -27,6 +28,16 @@ class Reference:
     tokens: np.ndarray
     logprobs: tuple[engine.SparseLogprobs, ...]
     note: str
+
+
+def reference_caveat(view: ModelView, /) -> str | None:
+    """One note for every accuracy report of a model stored below q8_0: its "F16 reference" is
+    a dequantized copy, so types near the source's own grid look better than they are."""
+    stored = view.file_type
+    if stored is None or stored.bits_per_weight >= qtype("q8_0").bits_per_weight:
+        return None
+    return (f"note: the F16 reference is dequantized from {stored.name.upper()}, not the "
+            f"original weights; types near {stored.name}'s own grid look better than they are")
 
 
 def reference_file(source: Path, /, *, workspace: Workspace,

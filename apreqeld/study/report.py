@@ -141,6 +141,19 @@ def _pct(value: Any, signed: bool = True) -> str:
     return f"{100 * v:+.2f}%" if signed else f"{100 * v:.2f}%"
 
 
+def margin_label(margin: Any) -> str:
+    """" (reference point +N%)" for a hypervolume whose reference point was moved out."""
+    m = _num(margin)
+    return f" (reference point +{100 * m:g}%)" if m else " (reference point moved)"
+
+
+def gain_text(hv: Mapping[str, Any], key: str) -> str:
+    """A hypervolume gain as a percentage; "undefined" when the uniform set has no volume."""
+    if hv and _num(hv.get("hv_uniform")) == 0:
+        return "undefined"
+    return _pct(hv.get(key))
+
+
 def _pm(value: Any, err: Any, digits: int) -> _Raw:
     """"value ± err" with the error in muted small text (error left out when missing)."""
     text = _fmt(value, digits)
@@ -365,7 +378,7 @@ def _summary(study: Mapping[str, Any], n_uni: int, models: Sequence[Mapping[str,
         if not hv and "+" in key:
             continue
         base, _, variant = key.partition("+")
-        label = UNIT[base][0] + (" (reference point +10%)" if variant else "")
+        label = UNIT[base][0] + (margin_label(hv.get("margin")) if variant else "")
         objs = [str(o) for o in hv.get("objectives") or []]
         rows.append([
             (label, "name"),
@@ -373,8 +386,8 @@ def _summary(study: Mapping[str, Any], n_uni: int, models: Sequence[Mapping[str,
             (_fmt(hv.get("hv_uniform"), 4), "num"),
             (_fmt(hv.get("hv_apreqel"), 4), "num"),
             (_fmt(hv.get("hv_union"), 4), "num"),
-            (_pct(hv.get("gain")), "num best" if (_num(hv.get("gain")) or 0) > 0 else "num"),
-            (_pct(hv.get("gain_union")), "num"),
+            (gain_text(hv, "gain"), "num best" if (_num(hv.get("gain")) or 0) > 0 else "num"),
+            (gain_text(hv, "gain_union"), "num"),
         ])
         if hv:
             ideal, ref = hv.get("ideal") or [], hv.get("ref") or []

@@ -20,14 +20,14 @@ from apreqeld.core.pareto import compare_sets, nondominated
 from apreqeld.core.plans import canonical_sha256, make_plan
 from apreqeld.core.qtypes import qtype
 from apreqeld.evidence.measurement import interleaved_latency, measure_file, uniform_gguf
-from apreqeld.evidence.protocol import Progress, Protocol, no_progress
-from apreqeld.evidence.reference import ensure_reference
+from apreqeld.evidence.protocol import Progress, Protocol, machine_fingerprint, no_progress
+from apreqeld.evidence.reference import ensure_reference, reference_caveat
 from apreqeld.evidence.workspace import Workspace, cached_measurement, measurement_key
 from apreqeld.gguf.view import read_model
 from apreqeld.storage import atomic_path, write_json_atomic
 from apreqeld.study.analysis import robustness_table
 from apreqeld.study.report import render_report
-from apreqeld.workflow import build, device_profile, layer_profile
+from apreqeld.workflow import PlanOptions, build, evidence
 
 OBJECTIVES = ("memory_bytes", "latency_ms")
 # The paper's reference point (the uniform set's worst values) gives no volume to a uniform
@@ -35,13 +35,11 @@ OBJECTIVES = ("memory_bytes", "latency_ms")
 HV_MARGIN = 0.1
 
 
-def run_study(source: Path, out_dir: Path, /, *, workspace: Workspace, protocol: Protocol,
-              configs: Sequence[WeightConfig] = PAPER_CONFIGS, types: str | None = None,
-              outside: str = "q8_0", accuracy: str = "ppl", estimator: str = "proportional",
-              calibration: str | None = None, calibration_tokens: int = 2048,
-              interleave: bool = True, command: str | None = None,
-              progress: Progress = no_progress) -> dict:
-    """Plan, build and measure every configuration (each distinct plan once), analyse, report."""
+def run_study(source: Path, out_dir: Path, /, *, workspace: Workspace, options: PlanOptions,
+              configs: Sequence[WeightConfig] = PAPER_CONFIGS, interleave: bool = True,
+              command: str | None = None, progress: Progress = no_progress) -> dict:
+    """Plan, build and measure every configuration (each distinct plan once), analyse, report.
+    Uniform GGUFs follow measure-types' rule: made when needed, deleted once measured."""
     started = time.time()
     out_dir = Path(out_dir)
     (out_dir / "models").mkdir(parents=True, exist_ok=True)
@@ -52,12 +50,10 @@ def run_study(source: Path, out_dir: Path, /, *, workspace: Workspace, protocol:
     def stage(k: float, what: str) -> Progress:
         return lambda w, f: progress(f"{what}: {w}" if w else what, (k + f) / steps)
 
-    dev = device_profile(source, workspace=workspace, protocol=protocol, types=types,
-                         outside=outside, progress=stage(0, "uniform types"))
+    protocol, accuracy, estimator = options.protocol, options.accuracy, options.estimator
+    dev, layers = evidence(source, workspace=workspace, options=options,
+                           progress=stage(0, "uniform types and layer profile"))
     t_uniform = time.time() - started
-    layers = layer_profile(source, workspace=workspace, calibration=calibration,
-                           n_tokens=calibration_tokens, threads=protocol.threads,
-                           progress=stage(1, "layer profile"))
     reference = ensure_reference(source, workspace=workspace, protocol=protocol)
     models: list[dict] = []
     first_of: dict[str, str] = {}
@@ -65,7 +61,7 @@ def run_study(source: Path, out_dir: Path, /, *, workspace: Workspace, protocol:
     for i, cfg in enumerate(configs):
         tick = stage(2 + i, f"{cfg.name} ({i + 1}/{len(configs)})")
         plan = make_plan(view, sha, dev, layers, cfg.weights, estimator=estimator,
-                         accuracy=accuracy)
+                         accuracy=accuracy, limits=options.limits)
         pid = plan["plan_id"]
         gguf = out_dir / "models" / f"{pid}.gguf"
         t0 = time.time()
@@ -102,7 +98,8 @@ def run_study(source: Path, out_dir: Path, /, *, workspace: Workspace, protocol:
         "command": command,
         "model": {"name": view.name, "path": str(source), "sha256": sha,
                   "architecture": view.architecture, "n_blocks": view.n_blocks,
-                  "n_sublayers": len(view.sublayers), "reference": reference.note},
+                  "n_sublayers": len(view.sublayers), "reference": reference.note,
+                  "caveat": reference_caveat(view)},
         "device": dev["device"],
         "protocol": dev["protocol"] | {"calibration": layers["text"],
                                        "calibration_tokens": layers["tokens"],
@@ -110,7 +107,7 @@ def run_study(source: Path, out_dir: Path, /, *, workspace: Workspace, protocol:
                                        "latency_tokens": protocol.n_gen,
                                        "ctx": protocol.n_ctx},
         "policy": dev["policy"],
-        "planning": {"estimator": estimator, "accuracy": accuracy,
+        "planning": {"estimator": estimator, "accuracy": accuracy, "gamma": options.gamma,
                      "configs": len(configs), "distinct_plans": len(first_of)},
         "latency_method": ("interleaved rounds: every model once per round, reps rounds; "
                            "latency_isolated_ms keeps each model's own llama-bench run"
@@ -128,18 +125,26 @@ def _interleave_latency(dev: dict, models: list[dict], out_dir: Path, /, *,
                         reference, workspace: Workspace, protocol: Protocol,
                         progress: Progress) -> None:
     """Re-time every uniform type and distinct plan in interleaved rounds (cached in out_dir),
-    so that the machine's drift over the minutes of a study biases no model."""
-    outside = qtype(dev["policy"]["outside_type"])
-    paths = {f"uniform:{t}": uniform_gguf(reference, qtype(t), outside=outside,
-                                          workspace=workspace, threads=protocol.threads)
-             for t in dev["types"]}
-    paths |= {m["plan_id"]: out_dir / m["gguf"] for m in models}
-    key = canonical_sha256({"models": sorted(paths), "protocol": asdict(protocol)})[:16]
+    so that the machine's drift over the minutes of a study biases no model; the uniform GGUFs
+    made for it are deleted afterwards."""
+    names = [f"uniform:{t}" for t in dev["types"]] + [m["plan_id"] for m in models]
+    key = canonical_sha256({"models": sorted(names), "protocol": asdict(protocol),
+                            "machine": machine_fingerprint()})[:16]
     cache = out_dir / f"latency-rounds-{key}.json"
     if cache.exists():
         timing = {k: tuple(v) for k, v in json.loads(cache.read_text()).items()}
     else:
-        timing = interleaved_latency(paths, protocol=protocol, progress=progress)
+        outside = qtype(dev["policy"]["outside_type"])
+        uniform = {f"uniform:{t}": uniform_gguf(reference, qtype(t), outside=outside,
+                                                workspace=workspace, threads=protocol.threads)
+                   for t in dev["types"]}
+        try:
+            timing = interleaved_latency(uniform | {m["plan_id"]: out_dir / m["gguf"]
+                                                    for m in models},
+                                         protocol=protocol, progress=progress)
+        finally:
+            for path in uniform.values():
+                path.unlink(missing_ok=True)
         write_json_atomic(cache, timing)
 
     def update(measured: dict, name: str) -> dict:
@@ -163,7 +168,7 @@ def analyse(dev: dict, models: list[dict], /, *, accuracy: str = "ppl") -> dict:
     """Pareto flags over uniform ∪ mixed, hypervolumes (ppl and kld) and Table 2."""
     uniform = [{"name": t, "type": t, "bpw": dev["uniform"][t]["measured"]["bpw"],
                 "measured": dev["uniform"][t]["measured"]} for t in dev["types"]]
-    objectives = (*OBJECTIVES, "ppl")
+    objectives = (*OBJECTIVES, accuracy)
     both = np.vstack([_points(uniform, objectives), _points(models, objectives)]) \
         if models else _points(uniform, objectives)
     flags = nondominated(both).tolist()
@@ -175,7 +180,8 @@ def analyse(dev: dict, models: list[dict], /, *, accuracy: str = "ppl") -> dict:
             continue
         cmp = compare_sets(_points(uniform, objs), _points(models, objs), margin=margin)
         hv[key] = {"objectives": list(objs), "ideal": list(cmp.ideal), "ref": list(cmp.ref),
-                   "normalisation": cmp.normalisation, "hv_uniform": cmp.hv_baseline,
+                   "normalisation": cmp.normalisation, "margin": margin,
+                   "hv_uniform": cmp.hv_baseline,
                    "hv_apreqel": cmp.hv_candidates, "hv_union": cmp.hv_union,
                    "gain": cmp.gain, "gain_union": cmp.gain_union}
     return {
