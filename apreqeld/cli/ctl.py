@@ -1,8 +1,214 @@
-"""The `apreqelctl` entry point (being built)."""
+"""The `apreqelctl` entry point: control and query a running apreqeld.
 
+Exit codes: 0 ok, 1 error (one line on stderr), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
 import sys
+import time
+
+from apreqeld.client import Client
+from apreqeld.errors import ApreqelError
+
+PRESETS = ("latency", "memory", "accuracy", "balanced")
+MIB = 1024**2
 
 
-def main() -> None:
-    print("apreqeld: the daemon is not built yet", file=sys.stderr)
-    sys.exit(1)
+def _weights(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or any(v < 0 for v in values) or sum(values) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected three non-negative weights memory,latency,accuracy, got {text!r}")
+    return values
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", default=argparse.SUPPRESS,
+                        help="daemon socket (default: $APREQELD_SOCKET)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON")
+    p = argparse.ArgumentParser(prog="apreqelctl", parents=[common],
+                                description="Control a running apreqeld.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("status", parents=[common], help="what is served, swaps, priority, queue")
+    sub.add_parser("plans", parents=[common], help="the plan set with its measured metrics")
+    sp = sub.add_parser("set-priority", parents=[common], help="a preset priority")
+    sp.add_argument("preset", choices=PRESETS)
+    sw = sub.add_parser("set-weights", parents=[common], help="memory,latency,accuracy weights")
+    sw.add_argument("weights", type=_weights)
+    for s in (sp, sw):
+        s.add_argument("--max-latency-ms", type=float)
+        s.add_argument("--max-accuracy", type=float)
+        s.add_argument("--max-memory-bytes", type=float)
+    pin = sub.add_parser("pin", parents=[common], help="serve this plan until unpinned")
+    pin.add_argument("id")
+    unpin = sub.add_parser("unpin", parents=[common], help="follow the priority again")
+    for s in (sp, sw, pin, unpin):
+        s.add_argument("--no-wait", action="store_true", help="return before the swap ends")
+    sub.add_parser("reload", parents=[common], help="reload the plan set")
+    gen = sub.add_parser("generate", parents=[common], help="generate from a prompt (streams)")
+    gen.add_argument("prompt")
+    chat = sub.add_parser("chat", parents=[common], help="one chat turn (streams)")
+    chat.add_argument("message")
+    chat.add_argument("--system")
+    for s in (gen, chat):
+        s.add_argument("--max-tokens", type=int, default=128)
+        s.add_argument("--temperature", type=float, default=0.8)
+        s.add_argument("--seed", type=int)
+        s.add_argument("--stop", action="append", default=[])
+    ev = sub.add_parser("events", parents=[common], help="follow swaps and decisions")
+    ev.add_argument("--count", type=int, help="stop after this many events")
+    return p
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, sort_keys=True))
+
+
+def render_status(s: dict) -> str:
+    pr = s["priority"]
+    weights = ", ".join(f"{k} {w:.2f}" for k, w in
+                        zip(("memory", "latency", "accuracy"), pr["weights"], strict=True))
+    swap = s.get("swap")
+    swapping = (f"yes: {swap['from']} -> {swap['to']} ({swap['mode']}, {swap['phase']})"
+                if swap else "no")
+    counts = s.get("counts", {})
+    return "\n".join([
+        f"plan       {s['plan'] or '(loading)'}  {s.get('label') or ''}".rstrip(),
+        f"swapping   {swapping}",
+        f"priority   {pr['name'] or 'weights'} ({weights})",
+        f"pinned     {s['pinned'] or 'no'}",
+        f"queue      {s['queue']} of {s['queue_bound']} waiting, "
+        f"in flight: {'yes' if s['in_flight'] else 'no'}",
+        f"served     {counts.get('served', 0)} requests, {counts.get('swaps', 0)} swaps, "
+        f"{counts.get('restarts', 0)} restarts",
+    ])
+
+
+def render_plans(p: dict) -> str:
+    acc = p["accuracy"].upper()
+    lines = [f"  {'ID':<16}  {'LABEL':<24}  {'MiB':>8}  {'MS/TOK':>7}  {acc:>8}"]
+    for m in p["members"]:
+        ms = m["measured"]
+        value = ms["kld"] if p["accuracy"] == "kld" else ms["ppl"]
+        lines.append(f"{'*' if m['serving'] else ' '} {m['id'][:16]:<16}  {m['label'][:24]:<24}"
+                     f"  {ms['footprint_bytes'] / MIB:>8.1f}  {ms['latency']['median_ms']:>7.2f}"
+                     f"  {value:>8.4f}")
+    return "\n".join(lines)
+
+
+def render_event(e: dict) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(e.get("time", 0)))
+    parts = [stamp, e["kind"]]
+    if e.get("from") is not None or e.get("to") is not None:
+        parts.append(f"{e.get('from')} -> {e.get('to')}")
+    if e.get("mode"):
+        parts.append(f"[{e['mode']}]")
+    if e.get("total_ms") is not None:
+        parts.append(f"in {e['total_ms']:.0f} ms (downtime {e.get('downtime_ms', 0):.0f} ms)")
+    if e.get("reason"):
+        parts.append(f"- {e['reason']}")
+    return " ".join(parts)
+
+
+def _stream(client: Client, args: argparse.Namespace, as_json: bool) -> None:
+    options = {"max_tokens": args.max_tokens, "temperature": args.temperature,
+               "stop": args.stop, "seed": args.seed}
+    if args.command == "chat":
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        stream = client.chat_stream(messages + [{"role": "user", "content": args.message}],
+                                    **options)
+    else:
+        stream = client.generate_stream(args.prompt, **options)
+    if as_json:
+        stream.text()
+        _print_json(stream.result)
+        return
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    u = stream.result["usage"]
+    ms = f", {u['ms_per_token']:.1f} ms/token" if u.get("ms_per_token") else ""
+    print(f"(plan {stream.result['plan']}, {u.get('completion_tokens')} tokens{ms})",
+          file=sys.stderr)
+
+
+def _decision_line(what: str, r: dict) -> str:
+    d = r.get("decision") or {}
+    pinned = f"; pinned to {r['pinned']}" if r.get("pinned") else ""
+    reason = d.get("reason", "no decision")
+    if not r.get("pinned") and d.get("choice") not in (None, r["plan"]):
+        return f"{what}: switching {r['plan']} -> {d['choice']} ({reason})"
+    return f"{what}: serving {r['plan']}{pinned} ({reason})"
+
+
+def run(args: argparse.Namespace) -> None:
+    as_json = getattr(args, "json", False)
+    wait = not getattr(args, "no_wait", False)
+    with Client(getattr(args, "socket", None)) as c:
+        cmd = args.command
+        if cmd in ("generate", "chat"):
+            _stream(c, args, as_json)
+            return
+        if cmd == "events":
+            for n, event in enumerate(c.events(), start=1):
+                print(json.dumps(event, sort_keys=True) if as_json else render_event(event),
+                      flush=True)
+                if args.count and n >= args.count:
+                    return
+        levels = {}
+        if cmd in ("set-priority", "set-weights"):
+            levels = {k: getattr(args, k) for k in
+                      ("max_latency_ms", "max_accuracy", "max_memory_bytes")}
+        if cmd == "status":
+            r = c.status()
+            text = render_status(r)
+        elif cmd == "plans":
+            r = c.plans()
+            text = render_plans(r)
+        elif cmd == "set-priority":
+            r = c.set_priority(args.preset, wait=wait, **levels)
+            text = _decision_line(f"priority {args.preset}", r)
+        elif cmd == "set-weights":
+            r = c.set_priority(args.weights, wait=wait, **levels)
+            text = _decision_line("weights " + ",".join(f"{w:g}" for w in args.weights), r)
+        elif cmd == "pin":
+            r = c.pin(args.id, wait=wait)
+            text = f"pinned {r['pinned']}: serving {r['plan']}"
+        elif cmd == "unpin":
+            r = c.unpin(wait=wait)
+            text = _decision_line("unpinned", r)
+        else:
+            r = c.reload()
+            text = f"plan set {r['planset']} reloaded ({r['members']} members): " \
+                   f"serving {r['plan']}"
+        if as_json:
+            _print_json(r)
+        else:
+            print(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except ApreqelError as exc:
+        print(f"apreqelctl: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,57 @@
-"""The `apreqeld` entry point (being built)."""
+"""The `apreqeld` entry point: parse flags, load the config, serve in the foreground."""
 
+from __future__ import annotations
+
+import argparse
 import sys
+from pathlib import Path
+
+from apreqeld.errors import ApreqelError
+from apreqeld.runtime.config import DEFAULT_RESERVE, SOCKET_ENV, load_config
 
 
-def main() -> None:
-    print("apreqeld: the daemon is not built yet", file=sys.stderr)
-    sys.exit(1)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="apreqeld", description="Serve a plan set over a Unix socket and hot-swap its "
+        "variants to fit the priority. Flags override the config file.")
+    p.add_argument("--plans", type=Path, help="plan-set directory (with planset.json)")
+    p.add_argument("--socket", type=Path,
+                   help=f"Unix socket to listen on (default: ${SOCKET_ENV}, else "
+                        "$XDG_RUNTIME_DIR/apreqeld/apreqeld.sock)")
+    p.add_argument("--config", type=Path, help="TOML config file")
+    p.add_argument("--state-dir", type=Path,
+                   help="where member GGUFs are kept (default: $APREQEL_HOME/daemon-state)")
+    p.add_argument("--ctx", dest="n_ctx", type=int, help="serving context (default: the plan "
+                   "set's)")
+    p.add_argument("--threads", type=int, help="llama.cpp threads (default: the plan set's)")
+    p.add_argument("--gpu-layers", type=int, help="layers offloaded to the GPU")
+    p.add_argument("--queue", dest="queue_bound", type=int, help="queue bound (default 64)")
+    p.add_argument("--priority", help="initial priority: a preset or three weights "
+                   "(default balanced)")
+    p.add_argument("--reserve", dest="reserve_bytes", type=int,
+                   help=f"memory kept free, bytes (default {DEFAULT_RESERVE})")
+    p.add_argument("--swap-mode", choices=["auto", "make-before-break", "break-before-make"])
+    p.add_argument("--grace", dest="grace_s", type=float,
+                   help="seconds in-flight requests get on SIGTERM (default 10)")
+    p.add_argument("--no-watch", dest="watch", action="store_const", const=False,
+                   help="do not watch the plan-set directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(parser().parse_args(argv))
+    file = args.pop("config")
+    try:
+        from apreqeld.runtime.server import run_daemon
+
+        run_daemon(load_config(file, **args))
+    except ApreqelError as exc:
+        print(f"apreqeld: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The daemon's configuration: a TOML file validated by pydantic, overridden by flags."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from apreqeld.errors import InputError
+from apreqeld.manifest import one_line
+from apreqeld.storage import default_workdir
+
+SOCKET_ENV = "APREQELD_SOCKET"
+DEFAULT_RESERVE = 256 * 1024**2
+
+
+def default_socket() -> Path:
+    """$APREQELD_SOCKET, else $XDG_RUNTIME_DIR/apreqeld/apreqeld.sock, else under /tmp."""
+    if os.environ.get(SOCKET_ENV):
+        return Path(os.environ[SOCKET_ENV])
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/apreqeld-{os.getuid()}"
+    return Path(runtime) / "apreqeld" / "apreqeld.sock"
+
+
+def default_state_dir() -> Path:
+    """Where member GGUFs are kept: under $APREQEL_HOME (or ~/.cache/apreqel)."""
+    return default_workdir() / "daemon-state"
+
+
+class DaemonConfig(BaseModel):
+    """Everything `apreqeld` needs; None means "what the plan set was measured with"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    plans: Path = Field(description="plan-set directory (holds planset.json)")
+    socket: Path = Field(default_factory=default_socket)
+    state_dir: Path = Field(default_factory=default_state_dir)
+    n_ctx: int | None = Field(default=None, ge=8, le=1 << 20)
+    threads: int | None = Field(default=None, ge=1, le=1024)
+    gpu_layers: int | None = Field(default=None, ge=0)
+    queue_bound: int = Field(default=64, ge=1, le=100_000)
+    priority: str = "balanced"
+    swap_margin: float = Field(default=0.05, ge=0, le=1)
+    min_dwell_s: float = Field(default=10.0, ge=0)
+    reserve_bytes: int = Field(default=DEFAULT_RESERVE, ge=0)
+    swap_mode: Literal["auto", "make-before-break", "break-before-make"] = "auto"
+    grace_s: float = Field(default=10.0, ge=0, description="SIGTERM: time to finish requests")
+    load_timeout_s: float = Field(default=120.0, gt=0)
+    watch: bool = True
+
+
+def load_config(file: Path | None, /, **overrides: object) -> DaemonConfig:
+    """The TOML file's settings (if any) with the non-None overrides on top."""
+    data: dict = {}
+    if file is not None:
+        try:
+            data = tomllib.loads(Path(file).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise InputError(f"cannot read config {file}: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"config {file} is not valid TOML ({exc})") from None
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+    data |= {k: v for k, v in overrides.items() if v is not None}
+    if "plans" not in data:
+        raise InputError("no plan set: give --plans DIR or `plans` in the config file")
+    try:
+        return DaemonConfig.model_validate(data)
+    except ValidationError as exc:
+        where = f"config {file}" if file else "options"
+        raise InputError(f"{where}: {one_line(exc)}") from None
