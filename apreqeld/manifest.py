@@ -91,6 +91,10 @@ class Serving(_Strict):
     n_ctx: int = Field(ge=8)
     threads: int = Field(ge=1)
     gpu_layers: int = Field(ge=0)
+    n_batch: int | None = Field(default=None, ge=1, description="batch (and micro-batch)")
+    baseline_rss_bytes: int | None = Field(
+        default=None, ge=0, description="RSS of the measuring process before loading a model; "
+        "a member's footprint_bytes is what loading it added")
 
 
 class PlanSet(_Strict):

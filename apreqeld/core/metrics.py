@@ -25,3 +25,14 @@ def perplexity(nll: np.ndarray, /) -> tuple[float, float]:
     mean, err = mean_and_error(nll)
     ppl = math.exp(mean)
     return ppl, ppl * err
+
+
+def latency_stats(samples_ms: np.ndarray, /) -> dict[str, float | int]:
+    """Robust (median, interquartile range) and classic (mean, sample std) statistics of ms per
+    token samples, keyed as the plan-set manifest's LatencyStats."""
+    v = np.asarray(samples_ms, dtype=np.float64)
+    if v.size == 0 or not np.all(np.isfinite(v)):
+        raise ValueError("latency statistics need at least one finite sample")
+    q1, median, q3 = np.percentile(v, [25, 50, 75])
+    return {"median_ms": float(median), "iqr_ms": float(q3 - q1), "mean_ms": float(v.mean()),
+            "std_ms": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}

@@ -1,0 +1,107 @@
+"""Runtime footprint: the resident memory of a separate process holding a model loaded for
+serving, measured in a child process so that nothing else this process holds is counted.
+
+`python -m apreqeld.evidence.footprint GGUF --ctx N --threads T` imports llama.cpp and records
+the process's resident set (the *baseline*: interpreter, numpy, llama.cpp, no model), loads the
+model as llama.cpp serves it (mmap), creates a context of N tokens with a batch of
+min(N, 512) tokens (llama.cpp's default micro-batch), decodes one full batch as a prompt and one
+generated token (the warm-up), and records the resident set again. It prints one JSON line.
+
+footprint = rss_loaded - rss_baseline: anonymous memory (KV cache, which llama.cpp zeroes at
+creation, compute buffers as far as a full batch touches them, weights repacked for the CPU)
+plus the model file's pages that the warm-up mapped in (every weight a decode reads; of the
+token embedding only the rows read, unless the output layer shares it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from apreqeld import engine
+from apreqeld.errors import EngineError
+
+SERVING_BATCH = 512
+DEFINITION = (
+    "footprint = resident set (RSS) of a child process after loading the GGUF (mmap), creating "
+    "a context of the serving length with a batch of min(ctx, 512), and decoding one full batch "
+    "plus one token, minus the same process's RSS before loading (interpreter and llama.cpp "
+    "only; recorded as baseline_rss_bytes). It counts the KV cache, the compute buffers as "
+    "touched, repacked weights, and the mapped file pages the warm-up read.")
+
+
+def _memory() -> dict[str, int]:
+    """Resident set now (psutil) and, on Linux, its anonymous/file split and peak."""
+    found = {"rss": psutil.Process().memory_info().rss}
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "VmHWM") and value.strip().endswith("kB"):
+                found[key.lower()] = int(value.split()[0]) * 1024
+    return found
+
+
+def measure_here(path: Path, /, *, n_ctx: int, threads: int, gpu_layers: int = 0) -> dict:
+    """Load `path` for serving in *this* process and report its resident memory (child side)."""
+    engine.engine_version()  # import and initialise llama.cpp before the baseline
+    baseline = _memory()
+    n_batch = min(n_ctx, SERVING_BATCH)
+    with engine.open_session(path, n_ctx=n_ctx, n_batch=n_batch, threads=threads,
+                             gpu_layers=gpu_layers) as s:
+        rng = np.random.default_rng(0)
+        n_prompt = min(n_batch, n_ctx - 1)
+        prompt = rng.integers(0, s.n_vocab, size=n_prompt, dtype=np.int32)
+        outputs = np.zeros(n_prompt, dtype=np.int8)
+        outputs[-1] = 1
+        s.decode(prompt, outputs=outputs)
+        s.decode(prompt[:1], start_pos=n_prompt)
+        s.synchronize()
+        loaded = _memory()
+    return {"footprint_bytes": loaded["rss"] - baseline["rss"], "rss_loaded_bytes": loaded["rss"],
+            "baseline_rss_bytes": baseline["rss"],
+            "rss_anon_bytes": loaded.get("rssanon"), "rss_file_bytes": loaded.get("rssfile"),
+            "peak_rss_bytes": loaded.get("vmhwm"), "n_ctx": n_ctx, "n_batch": n_batch,
+            "threads": threads, "gpu_layers": gpu_layers}
+
+
+def measure_footprint(path: Path, /, *, n_ctx: int, threads: int, gpu_layers: int = 0,
+                      timeout_s: float = 600) -> dict:
+    """Run `measure_here` in a fresh child process and return what it measured."""
+    cmd = [sys.executable, "-m", "apreqeld.evidence.footprint", str(path), "--ctx", str(n_ctx),
+           "--threads", str(threads), "--gpu-layers", str(gpu_layers)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    lines = [ln for ln in done.stdout.splitlines() if ln.strip()]
+    if done.returncode != 0 or not lines:
+        detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EngineError(f"footprint of {Path(path).name} could not be measured: {detail}")
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child entry point: measure one GGUF, print one JSON line."""
+    parser = argparse.ArgumentParser(prog="python -m apreqeld.evidence.footprint",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("gguf", type=Path)
+    parser.add_argument("--ctx", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--gpu-layers", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        result = measure_here(args.gguf, n_ctx=args.ctx, threads=args.threads,
+                              gpu_layers=args.gpu_layers)
+    except Exception as exc:  # the parent turns this into one line
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - child process
+    sys.exit(main())

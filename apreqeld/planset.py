@@ -1,0 +1,413 @@
+"""Plan sets (offline): weight grid -> one TOPSIS plan per vector -> each distinct plan built
+once and measured on this machine -> the measured Pareto set, written as a validated manifest
+(`plans/NAME/planset.json` + one llama-quantize recipe per member) from which every member's
+GGUF is rebuilt byte for byte (`materialize`)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from apreqeld import engine
+from apreqeld.build import build_gguf
+from apreqeld.core.configs import PAPER_CONFIGS, parse_configs
+from apreqeld.core.frontier import dominated_by, simplex_grid, unique_vectors
+from apreqeld.core.metrics import latency_stats
+from apreqeld.core.plans import ACCURACY_METRICS, ESTIMATORS, distribution_text, make_plan, plan_id
+from apreqeld.core.qtypes import qtype
+from apreqeld.core.recipes import ModelShape, expected_types, llama_quantize_recipe, tensor_recipe
+from apreqeld.errors import InputError, PlanError
+from apreqeld.evidence.footprint import DEFINITION as FOOTPRINT_DEFINITION
+from apreqeld.evidence.footprint import SERVING_BATCH, measure_footprint
+from apreqeld.evidence.measurement import measure_file, order_types, resolve_types
+from apreqeld.evidence.protocol import Progress, Protocol, machine_description, no_progress
+from apreqeld.evidence.reference import ensure_reference, reference_file
+from apreqeld.evidence.workspace import Workspace, cached_measurement, measurement_key
+from apreqeld.gguf.view import file_sha256, read_model
+from apreqeld.manifest import (
+    LatencyStats,
+    Member,
+    Metrics,
+    ModelInfo,
+    PlanSet,
+    Serving,
+    load_planset,
+    manifest_path,
+    member_filename,
+    save_planset,
+)
+from apreqeld.resources import default_model_path
+from apreqeld.storage import atomic_path, default_workdir
+from apreqeld.workflow import device_profile, layer_profile
+
+LATENCY_NOTE = ("ms/token: llama-bench tg (warm-up, then n_gen one-token decodes) timed in "
+                "interleaved rounds: each round loads every member once, in an order rotated "
+                "by one per round; reps rounds; median and IQR over rounds (mean and std too)")
+
+
+@dataclass
+class Candidate:
+    """A distinct recipe to build and measure, and every weight vector that chose it."""
+
+    id: str
+    kind: str
+    label: str
+    base_type: str
+    recipe: dict[str, str]
+    weights: list[tuple[float, float, float]] = field(default_factory=list)
+    predicted: dict[str, float] | None = None
+
+
+def default_state_dir() -> Path:
+    """Where member GGUFs are materialized: $APREQEL_HOME/state."""
+    return default_workdir() / "state"
+
+
+def weight_vectors(*, step: float = 0.1, paper: bool = True,
+                   weights_file: Path | None = None) -> list[tuple[float, float, float]]:
+    """The grid over the simplex plus the paper's 28 configurations, or a user's weights file."""
+    if weights_file is not None:
+        path = Path(weights_file)
+        if not path.is_file():
+            raise InputError(f"weights file not found: {path}")
+        try:
+            configs = parse_configs(path.read_text(encoding="utf-8"))
+        except InputError as exc:
+            raise InputError(f"weights file {path}: {exc}") from None
+        return unique_vectors([c.weights for c in configs])
+    grid = simplex_grid(step)
+    return unique_vectors(grid + ([c.weights for c in PAPER_CONFIGS] if paper else []))
+
+
+def member_plan(view: ModelShape, model_sha256: str, recipe: dict[str, str],
+                base_type: str) -> dict:
+    """The minimal plan a member is built from: only what its manifest entry determines, so the
+    GGUF's embedded metadata (and thus its sha256) is reproducible from the manifest alone."""
+    plan = {"kind": "apreqel.plan", "format": 1, "model": {"sha256": model_sha256},
+            "tensor_types": dict(sorted(recipe.items())),
+            "expected_types": expected_types(view, recipe), "outside_type": base_type}
+    plan["plan_id"] = plan_id(plan)
+    return plan
+
+
+def gguf_name(model_sha256: str, member_id: str) -> str:
+    """`manifest.member_filename` before the manifest exists."""
+    return f"{model_sha256[:12]}-{member_id}.gguf"
+
+
+def candidates(view: ModelShape, model_sha256: str, dev: dict, layers: dict,
+               vectors: Sequence[Sequence[float]], /, *, estimator: str = "exact",
+               accuracy: str = "kld", progress: Progress = no_progress) -> list[Candidate]:
+    """Uniform models of the profile's types, then one TOPSIS plan per vector; identical
+    recipes merged into one candidate that remembers every vector that chose it."""
+    outside = dev["policy"]["outside_type"]
+    found: dict[str, Candidate] = {}
+    for name in dev["types"]:
+        recipe = tensor_recipe(view, [qtype(name)] * len(view.sublayers), outside=qtype(outside))
+        m = dev["uniform"][name]["measured"]
+        pid = member_plan(view, model_sha256, recipe, outside)["plan_id"]
+        found[pid] = Candidate(pid, "uniform", name, outside, recipe, predicted={
+            k: float(m[k]) for k in ("memory_bytes", "latency_ms", "ppl", "kld")})
+    for k, w in enumerate(vectors):
+        progress("planning", k / max(len(vectors), 1))
+        plan = make_plan(view, model_sha256, dev, layers, w, estimator=estimator,
+                         accuracy=accuracy)
+        pid = member_plan(view, model_sha256, plan["tensor_types"], outside)["plan_id"]
+        if pid not in found:
+            found[pid] = Candidate(pid, "mix", distribution_text(plan["distribution"]), outside,
+                                   plan["tensor_types"], predicted=dict(plan["predicted"]))
+        found[pid].weights.append(tuple(round(float(x), 6) for x in w))
+    return list(found.values())
+
+
+def _build(view: ModelShape, model_sha256: str, recipe: dict[str, str], base_type: str,
+           reference: Path, dest: Path, *, threads: int, expect_sha256: str | None = None,
+           label: str = "") -> Path:
+    """Build one member into `dest` through a temporary folder beside it; with
+    `expect_sha256`, refuse (and leave nothing) when the rebuilt file differs."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".build-") as tmp:
+        built = build_gguf(member_plan(view, model_sha256, recipe, base_type), reference,
+                           Path(tmp) / "member.gguf", threads=threads)
+        if expect_sha256 is not None:
+            digest = file_sha256(built)
+            if digest != expect_sha256:
+                raise PlanError(f"member {label} rebuilt with sha256 {digest[:16]}…, the "
+                                f"manifest says {expect_sha256[:16]}… (another llama.cpp build "
+                                "or a different model?)")
+        os.replace(built, dest)
+    return dest
+
+
+def _interleaved_rounds(paths: dict[str, Path], /, *, workspace: Workspace, protocol: Protocol,
+                        condition: str | None, run: str,
+                        progress: Progress) -> dict[str, list[float]]:
+    """ms/token samples per member over `protocol.reps` interleaved rounds; every sample is
+    cached (keyed by the member set, the round and the condition), so a resumed run re-times
+    nothing it already timed."""
+    shas = {k: workspace.sha256(p) for k, p in paths.items()}
+    members = sorted(shas.values())
+    names = list(paths)
+    samples: dict[str, list[float]] = {k: [] for k in names}
+    total = protocol.reps * len(names)
+    for r in range(protocol.reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for k, name in enumerate(order):
+            key = {"latency_round": r, "file": shas[name], "set": members, "run": run,
+                   "condition": condition, "n_ctx": protocol.n_ctx, "n_gen": protocol.n_gen,
+                   "threads": protocol.threads, "gpu_layers": protocol.gpu_layers,
+                   "engine": engine.engine_version(), "apreqel_planset_latency": 1}
+
+            def once(name: str = name, r: int = r) -> dict:
+                with engine.open_session(paths[name], n_ctx=protocol.n_ctx,
+                                         threads=protocol.threads,
+                                         gpu_layers=protocol.gpu_layers) as s:
+                    t = engine.time_generation(s, n_gen=protocol.n_gen, reps=1, seed=r)
+                return {"ms_per_token": t.ms_per_token[0]}
+
+            samples[name].append(cached_measurement(workspace, key, once)["ms_per_token"])
+            progress(f"latency round {r + 1}/{protocol.reps}", (r * len(names) + k + 1) / total)
+    return samples
+
+
+def _pareto(values: list[tuple[float, float, float]], ids: list[str]) -> list[list[str]]:
+    return [[ids[i] for i in doms] for doms in dominated_by(np.asarray(values))]
+
+
+def _objectives(m: Metrics, accuracy: str) -> tuple[float, float, float]:
+    return (float(m.footprint_bytes), m.latency.median_ms, m.kld if accuracy == "kld" else m.ppl)
+
+
+def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protocol: Protocol,
+                types: str | None = None, outside: str = "q8_0", step: float = 0.1,
+                paper: bool = True, weights_file: Path | None = None,
+                estimator: str = "exact", accuracy: str = "kld",
+                calibration: str | None = None, calibration_tokens: int = 2048,
+                serving_ctx: int = 2048, state_dir: Path | None = None,
+                name: str | None = None, progress: Progress = no_progress) -> PlanSet:
+    """Plan every weight vector, build and measure each distinct plan once, keep the measured
+    Pareto set, and write `out_dir/planset.json` and `out_dir/recipes/`. Resumable."""
+    started = time.time()
+    out_dir = Path(out_dir)
+    # Every input is checked before anything is measured.
+    if estimator not in ESTIMATORS:
+        raise InputError(f"unknown estimator '{estimator}' (choose {', '.join(ESTIMATORS)})")
+    if accuracy not in ACCURACY_METRICS:
+        raise InputError(f"unknown accuracy '{accuracy}' (choose {', '.join(ACCURACY_METRICS)})")
+    if serving_ctx < 8:
+        raise InputError(f"serving context must be at least 8, got {serving_ctx}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output is not a folder: {out_dir}")
+    vectors = weight_vectors(step=step, paper=paper, weights_file=weights_file)
+    view = read_model(source)
+    order_types(view, resolve_types(types, view))
+    qtype(outside)
+    state_dir = Path(state_dir) if state_dir else workspace.root / "state"
+    sha = workspace.sha256(source)
+    steps = 6.0
+
+    def stage(k: float, what: str) -> Progress:
+        return lambda w, f: progress(f"{what}: {w}", (k + min(max(f, 0), 1)) / steps)
+
+    dev = device_profile(source, workspace=workspace, protocol=protocol, types=types,
+                         outside=outside, progress=stage(0, "uniform types"))
+    layers = layer_profile(source, workspace=workspace, calibration=calibration,
+                           n_tokens=calibration_tokens, threads=protocol.threads,
+                           progress=stage(1, "layer profile"))
+    t_evidence = time.time() - started
+    cands = candidates(view, sha, dev, layers, vectors, estimator=estimator, accuracy=accuracy,
+                       progress=stage(2, f"{len(vectors)} weight vectors"))
+    t_planning = time.time() - started - t_evidence
+    reference = ensure_reference(source, workspace=workspace, protocol=protocol)
+    paths: dict[str, Path] = {}
+    measured: dict[str, dict] = {}
+    for k, c in enumerate(cands):
+        def step_p(w: str, f: float, k: int = k, c: Candidate = c) -> None:
+            progress(f"{c.label} ({k + 1}/{len(cands)}): {w}",
+                     (3 + (k + min(max(f, 0), 1)) / len(cands)) / steps)
+
+        dest = state_dir / gguf_name(sha, c.id)
+        if not dest.exists():
+            step_p("building", 0.0)
+            _build(view, sha, c.recipe, c.base_type, reference.path, dest,
+                   threads=protocol.threads)
+        paths[c.id] = dest
+        file_sha = workspace.sha256(dest)
+        acc = cached_measurement(workspace, measurement_key(c.recipe, reference, protocol),
+                                 lambda dest=dest, p=step_p: measure_file(
+                                     dest, protocol=protocol, reference=reference,
+                                     progress=lambda w, f: p(w, 0.1 + 0.8 * f)))
+        step_p("footprint", 0.9)
+        foot = cached_measurement(
+            workspace, {"footprint": file_sha, "n_ctx": serving_ctx, "threads": protocol.threads,
+                        "gpu_layers": protocol.gpu_layers, "engine": engine.engine_version(),
+                        "apreqel_footprint": 1},
+            lambda dest=dest: measure_footprint(dest, n_ctx=serving_ctx,
+                                                threads=protocol.threads,
+                                                gpu_layers=protocol.gpu_layers))
+        measured[c.id] = {"file_sha256": file_sha, "file_bytes": dest.stat().st_size,
+                          "parameter_bytes": read_model(dest).parameter_bytes,
+                          "accuracy": acc, "footprint": foot}
+    samples = _interleaved_rounds(paths, workspace=workspace, protocol=protocol,
+                                  condition=None, run="default", progress=stage(4, "latency"))
+    previous = _previous_conditions(out_dir)
+    members = []
+    for c in cands:
+        m = measured[c.id]
+        acc = m["accuracy"]
+        metrics = Metrics(parameter_bytes=m["parameter_bytes"],
+                          footprint_bytes=m["footprint"]["footprint_bytes"],
+                          latency=LatencyStats(**latency_stats(samples[c.id])),
+                          ppl=acc["ppl"], ppl_se=acc["ppl_se"], kld=acc["kld"],
+                          kld_se=acc["kld_se"], top1=acc.get("top1_agreement"))
+        members.append(Member(id=c.id, kind=c.kind, label=c.label, base_type=c.base_type,
+                              recipe=dict(sorted(c.recipe.items())),
+                              file_sha256=m["file_sha256"], file_bytes=m["file_bytes"],
+                              weights=c.weights, predicted=c.predicted, measured=metrics,
+                              conditions=previous.get(c.id, {}), pareto=True))
+    members = with_front(members, accuracy)
+    baseline = int(np.median([measured[c.id]["footprint"]["baseline_rss_bytes"]
+                              for c in cands]))
+    planset = PlanSet(
+        name=name or out_dir.resolve().name,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        model=ModelInfo(name=view.name, sha256=sha, path=str(source),
+                        architecture=view.architecture),
+        engine=engine.engine_version(), device=machine_description(protocol),
+        protocol=protocol.to_dict() | {
+            "latency_rounds": LATENCY_NOTE,
+            "planning": {"types": dev["types"], "outside_type": dev["policy"]["outside_type"],
+                         "estimator": estimator, "accuracy": accuracy,
+                         "vectors": len(vectors), "grid_step": None if weights_file else step,
+                         "paper_configs": bool(paper and weights_file is None),
+                         "weights_file": str(weights_file) if weights_file else None,
+                         "layer_profile": {k: layers[k] for k in ("text", "token_range",
+                                                                  "gamma")}},
+            "timing_s": {"evidence": round(t_evidence, 1), "planning": round(t_planning, 1),
+                         "total": round(time.time() - started, 1)}},
+        serving=Serving(n_ctx=serving_ctx, threads=protocol.threads,
+                        gpu_layers=protocol.gpu_layers, n_batch=min(serving_ctx, SERVING_BATCH),
+                        baseline_rss_bytes=baseline),
+        accuracy=accuracy, objectives=("footprint_bytes", "latency_ms", accuracy),
+        members=members, notes=[FOOTPRINT_DEFINITION, LATENCY_NOTE])
+    write_planset(planset, out_dir)
+    return planset
+
+
+def with_front(members: Sequence[Member], accuracy: str) -> list[Member]:
+    """The members with `pareto` and `dominated_by` set from their measured objectives."""
+    doms = _pareto([_objectives(m.measured, accuracy) for m in members],
+                   [m.id for m in members])
+    return [m.model_copy(update={"pareto": not d, "dominated_by": d})
+            for m, d in zip(members, doms, strict=True)]
+
+
+def _previous_conditions(out_dir: Path) -> dict[str, dict[str, LatencyStats]]:
+    """Condition columns of an existing manifest, kept for members that are still there."""
+    if not manifest_path(out_dir).is_file():
+        return {}
+    return {m.id: dict(m.conditions) for m in load_planset(out_dir).members}
+
+
+def write_planset(planset: PlanSet, out_dir: Path, /) -> Path:
+    """Recipes first, then the manifest (atomic each), then stale recipes removed."""
+    folder = Path(out_dir) / "recipes"
+    keep = set()
+    for m in planset.members:
+        path = folder / f"{m.id}.txt"
+        keep.add(path.name)
+        with atomic_path(path) as tmp:
+            tmp.write_text(llama_quantize_recipe(m.recipe))
+    saved = save_planset(planset, out_dir)
+    for stale in folder.glob("*.txt"):
+        if stale.name not in keep:
+            stale.unlink()
+    return saved
+
+
+def find_source(planset: PlanSet, /, *, source: Path | None = None,
+                workspace: Workspace) -> Path:
+    """The model the plan set was made from: `source` (checked), else the default model or the
+    recorded path when its sha256 matches."""
+    want = planset.model.sha256
+    if source is not None:
+        got = workspace.sha256(Path(source))
+        if got != want:
+            raise InputError(f"{source} is not the plan set's model (sha256 {got[:12]}…, the "
+                             f"plan set needs {planset.model.name} {want[:12]}…)")
+        return Path(source)
+    tried = []
+    try:
+        tried.append(default_model_path())
+    except InputError:
+        pass
+    tried.append(Path(planset.model.path))
+    for path in tried:
+        if path.is_file() and workspace.sha256(path) == want:
+            return path
+    raise InputError(f"the plan set's model {planset.model.name} (sha256 {want[:12]}…) is not "
+                     "the default model nor at its recorded path; give it with --model")
+
+
+def materialize(planset: PlanSet, state_dir: Path, *, members: Sequence[Member] | None = None,
+                source: Path | None = None, workspace: Workspace | None = None,
+                progress: Progress = no_progress) -> dict[str, Path]:
+    """Rebuild members (all by default) into `state_dir` from their recipes and check each
+    sha256 against the manifest; files already there with the right sha256 are kept."""
+    workspace = workspace or Workspace()
+    state_dir = Path(state_dir)
+    chosen = list(planset.members if members is None else members)
+    found: dict[str, Path] = {}
+    todo = []
+    for m in chosen:
+        path = state_dir / member_filename(planset, m)
+        if path.is_file() and workspace.sha256(path) == m.file_sha256:
+            found[m.id] = path
+        else:
+            todo.append(m)
+    if todo:
+        src = find_source(planset, source=source, workspace=workspace)
+        view = read_model(src)
+        ref = reference_file(src, workspace=workspace, progress=progress)
+        for k, m in enumerate(todo):
+            progress(f"building {m.label} ({k + 1}/{len(todo)})", k / len(todo))
+            path = state_dir / member_filename(planset, m)
+            path.unlink(missing_ok=True)
+            found[m.id] = _build(view, planset.model.sha256, m.recipe, m.base_type, ref, path,
+                                 threads=planset.serving.threads, expect_sha256=m.file_sha256,
+                                 label=f"{m.id} ({m.label})")
+        progress("done", 1.0)
+    return {m.id: found[m.id] for m in chosen}
+
+
+def record_condition(folder: Path, condition: str, /, *, workspace: Workspace,
+                     state_dir: Path | None = None, source: Path | None = None,
+                     reps: int | None = None, progress: Progress = no_progress) -> PlanSet:
+    """Re-time every member (interleaved rounds, the manifest's protocol) under the machine's
+    current condition and store it as `conditions[condition]`; nothing is rebuilt or re-scored."""
+    if not condition or not condition.replace("-", "").replace("_", "").isalnum():
+        raise InputError(f"condition name must be letters, digits, '-' or '_', got '{condition}'")
+    planset = load_planset(folder)
+    p = planset.protocol
+    protocol = Protocol(n_ctx=p["n_ctx"], chunks=p["chunks"], n_gen=p["n_gen"],
+                        reps=reps or p["reps"], threads=p["threads"],
+                        gpu_layers=p["gpu_layers"])
+    paths = materialize(planset, Path(state_dir) if state_dir else workspace.root / "state",
+                        source=source, workspace=workspace,
+                        progress=lambda w, f: progress(f"materialize: {w}", f / 4))
+    samples = _interleaved_rounds(paths, workspace=workspace, protocol=protocol,
+                                  condition=condition, run="default",
+                                  progress=lambda w, f: progress(w, 0.25 + 3 * f / 4))
+    members = [m.model_copy(update={"conditions": dict(m.conditions) | {
+        condition: LatencyStats(**latency_stats(samples[m.id]))}}) for m in planset.members]
+    updated = planset.model_copy(update={"members": members})
+    write_planset(updated, folder)
+    return updated
+

@@ -1,0 +1,254 @@
+"""Plan sets: the manifest schema, merging of identical plans, the measured front against an
+independent computation, and on the real model: an interrupted run resumed without measuring
+anything twice, byte-for-byte materialization, and a recorded device condition."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from apreqeld import planset as P
+from apreqeld.core.frontier import dominated_by, simplex_grid, unique_vectors
+from apreqeld.core.metrics import latency_stats
+from apreqeld.core.pareto import nondominated
+from apreqeld.errors import InputError, PlanError
+from apreqeld.evidence.reference import Reference
+from apreqeld.evidence.workspace import Workspace
+from apreqeld.gguf.view import ModelView, file_sha256
+from apreqeld.manifest import PlanSet, load_planset, member_filename, parse_planset
+from conftest import PROTOCOL, TINY_TYPES, CliRunner
+
+# Three types: with only two, every TOPSIS plan on this model is a uniform one.
+PLANSET_TYPES = "q4_0,q5_0,q8_0"
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def brute_force_dominators(points: np.ndarray) -> list[list[int]]:
+    n = len(points)
+    out = []
+    for b in range(n):
+        doms = []
+        for a in range(n):
+            if all(points[a][k] <= points[b][k] for k in range(points.shape[1])) and any(
+                    points[a][k] < points[b][k] for k in range(points.shape[1])):
+                doms.append(a)
+        out.append(doms)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_front_matches_brute_force_and_moocore(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    points = rng.integers(0, 4, size=(40, 3)).astype(float)  # many ties and duplicates
+    found = dominated_by(points)
+    assert found == brute_force_dominators(points)
+    assert [not d for d in found] == nondominated(points).tolist()
+
+
+def test_grid_and_unique_vectors() -> None:
+    assert len(simplex_grid(0.1)) == 66
+    assert all(abs(sum(v) - 1) < 1e-12 for v in simplex_grid(0.125))
+    for bad in (0, -0.1, 0.3, 1.5, float("nan")):
+        with pytest.raises(InputError, match="step"):
+            simplex_grid(bad)
+    assert unique_vectors([(1, 0, 0), (1.0, 0.0, 0.0), (0, 1, 0)]) == [(1, 0, 0), (0, 1, 0)]
+    assert len(P.weight_vectors(step=0.1)) == 79  # 66 + 28, 15 of the paper's on the grid
+
+
+def test_latency_stats_are_robust() -> None:
+    s = latency_stats(np.array([5.0, 5.2, 5.1, 4.9, 60.0]))
+    assert s["median_ms"] == 5.1 and s["n"] == 5 and s["iqr_ms"] == pytest.approx(0.2)
+    assert s["mean_ms"] > 15
+
+
+def test_bad_weights_file(tmp_path: Path) -> None:
+    bad = tmp_path / "w.txt"
+    bad.write_text("0.5,0.5\n")
+    with pytest.raises(InputError, match=r"weights file .*line 1"):
+        P.weight_vectors(weights_file=bad)
+    with pytest.raises(InputError, match="not found"):
+        P.weight_vectors(weights_file=tmp_path / "missing.txt")
+
+
+def manifest_dict() -> dict:
+    latency = {"median_ms": 5.0, "iqr_ms": 0.1, "mean_ms": 5.0, "std_ms": 0.1, "n": 3}
+    member = {"id": "a" * 12, "kind": "mix", "label": "q8_0×60", "base_type": "q8_0",
+              "recipe": {"blk.0.attn_q.weight": "q8_0"}, "file_sha256": "b" * 64,
+              "file_bytes": 10, "weights": [[1, 0, 0]], "pareto": True,
+              "measured": {"parameter_bytes": 9, "footprint_bytes": 20, "latency": latency,
+                           "ppl": 20.0, "ppl_se": 1.0, "kld": 0.01, "kld_se": 0.001}}
+    return {"name": "x", "created": "2026", "engine": "e", "device": {}, "protocol": {},
+            "model": {"name": "m", "sha256": "c" * 64, "path": "/m", "architecture": "llama"},
+            "serving": {"n_ctx": 512, "threads": 1, "gpu_layers": 0}, "members": [member]}
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    (lambda d: d["members"][0].update(file_sha256="B" * 64), "members.0.file_sha256"),
+    (lambda d: d.pop("serving"), "serving"),
+    (lambda d: d["members"][0]["measured"].update(footprint_bytes=-1),
+     "members.0.measured.footprint_bytes"),
+    (lambda d: d["members"][0].update(kind="other"), "members.0.kind"),
+    (lambda d: d["members"].append(dict(d["members"][0])), "members"),
+    (lambda d: d.update(format=2), "format"),
+    (lambda d: d["members"][0].update(surprise=1), "members.0.surprise"),
+])
+def test_bad_manifests_are_rejected_naming_the_field(edit, field: str) -> None:
+    data = manifest_dict()
+    parse_planset(data)
+    edit(data)
+    with pytest.raises(InputError) as exc:
+        parse_planset(data)
+    assert f": {field}:" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_cli_reports_a_bad_manifest_in_one_line(tmp_path: Path, run_cli: CliRunner) -> None:
+    data = manifest_dict()
+    data["members"][0]["file_sha256"] = "xyz"
+    (tmp_path / "planset.json").write_text(json.dumps(data))
+    done = run_cli("planset", "materialize", tmp_path)
+    assert done.returncode == 1
+    assert len(done.error_lines) == 1 and "members.0.file_sha256" in done.error_lines[0]
+    done = run_cli("planset", "-o", tmp_path / "new", "--step", "0.3")
+    assert done.returncode == 1 and "does not divide 1" in done.error_lines[0]
+    done = run_cli("planset", "-o", tmp_path / "new", "--types", "q4_0,nope")
+    assert done.returncode == 1 and len(done.error_lines) == 1
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def test_identical_plans_are_merged(source_view: ModelView, reference: Reference,
+                                    device_profile: dict, layer_profile: dict) -> None:
+    vectors = P.weight_vectors(step=0.25)
+    cands = P.candidates(source_view, reference.source_sha256, device_profile, layer_profile,
+                         vectors)
+    ids = [c.id for c in cands]
+    assert len(set(ids)) == len(ids)
+    assert {c.label for c in cands if c.kind == "uniform"} == set(TINY_TYPES.split(","))
+    chosen = [w for c in cands for w in c.weights]
+    assert sorted(chosen) == sorted(tuple(round(x, 6) for x in v) for v in vectors)
+    assert len([c for c in cands if c.kind == "mix"]) < len(vectors)  # some plans coincide
+    recipes = [json.dumps(c.recipe, sort_keys=True) for c in cands]
+    assert len(set(recipes)) == len(recipes)
+
+
+# --------------------------------------------------------------------------- the real model
+
+
+@pytest.fixture(scope="session")
+def tiny_planset(source_model: Path, workspace: Workspace, reference: Reference,
+                 device_profile: dict, layer_profile: dict,
+                 tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An interrupted run (stopped at the third footprint), then the same run resumed, with
+    every measurement recorded."""
+    out = tmp_path_factory.mktemp("plans") / "tiny"
+    state = tmp_path_factory.mktemp("state")
+    calls: dict[str, list[str]] = {"accuracy": [], "footprint": [], "latency": []}
+    real = {"accuracy": P.measure_file, "footprint": P.measure_footprint}
+    stop_after = [2]
+
+    def accuracy(path: Path, /, **kw: object) -> dict:
+        calls["accuracy"].append(Path(path).name)
+        return real["accuracy"](path, **kw)
+
+    def footprint(path: Path, /, **kw: object) -> dict:
+        if stop_after and len(calls["footprint"]) == stop_after[0]:
+            stop_after.clear()
+            raise KeyboardInterrupt
+        calls["footprint"].append(Path(path).name)
+        return real["footprint"](path, **kw)
+
+    def run() -> PlanSet:
+        return P.run_planset(source_model, out, workspace=workspace, protocol=PROTOCOL,
+                             types=PLANSET_TYPES, step=0.5, paper=False,
+                             calibration_tokens=256, serving_ctx=256, state_dir=state)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(P, "measure_file", accuracy)
+        mp.setattr(P, "measure_footprint", footprint)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+        first = {k: list(v) for k, v in calls.items()}
+        written_after_interrupt = sorted(p.name for p in out.parent.rglob("*") if p.is_file())
+        for v in calls.values():
+            v.clear()
+        planset = run()
+    return {"planset": planset, "out": out, "state": state, "first": first,
+            "second": calls, "written_after_interrupt": written_after_interrupt}
+
+
+def test_interrupted_run_resumes_without_measuring_twice(tiny_planset: dict) -> None:
+    first, second = tiny_planset["first"], tiny_planset["second"]
+    assert len(first["footprint"]) == 2 and second["footprint"]
+    assert tiny_planset["written_after_interrupt"] == []  # nothing partial in the output
+    for kind in ("accuracy", "footprint"):
+        assert not set(first[kind]) & set(second[kind]), kind
+    planset = tiny_planset["planset"]
+    measured_files = set(first["footprint"]) | set(second["footprint"])
+    assert {member_filename(planset, m) for m in planset.members} == measured_files
+
+
+def test_manifest_and_recipes(tiny_planset: dict) -> None:
+    planset, out = tiny_planset["planset"], tiny_planset["out"]
+    assert load_planset(out) == planset
+    recipes = sorted(p.stem for p in (out / "recipes").glob("*.txt"))
+    assert recipes == sorted(m.id for m in planset.members)
+    assert len([m for m in planset.members if m.kind == "uniform"]) == 3
+    points = np.array([P._objectives(m.measured, "kld") for m in planset.members])
+    for m, doms in zip(planset.members, brute_force_dominators(points), strict=True):
+        assert m.pareto == (not doms)
+        assert sorted(m.dominated_by) == sorted(planset.members[i].id for i in doms)
+    for m in planset.members:
+        assert m.measured.latency.n == PROTOCOL.reps
+        assert m.measured.footprint_bytes > 0 and m.measured.parameter_bytes > 0
+        assert P.gguf_name(planset.model.sha256, m.id) == member_filename(planset, m)
+    assert planset.serving.n_ctx == 256 and planset.serving.baseline_rss_bytes > 0
+
+
+def test_materialize_reproduces_every_sha256(tiny_planset: dict, workspace: Workspace,
+                                             tmp_path: Path) -> None:
+    planset = tiny_planset["planset"]
+    paths = P.materialize(planset, tmp_path / "fresh", workspace=workspace)
+    for m in planset.members:
+        assert file_sha256(paths[m.id]) == m.file_sha256
+        built_first = tiny_planset["state"] / member_filename(planset, m)
+        assert built_first.read_bytes() == paths[m.id].read_bytes()
+    again = P.materialize(planset, tmp_path / "fresh", workspace=workspace)  # all kept
+    assert again == paths
+
+
+def test_materialize_refuses_a_wrong_sha256(tiny_planset: dict, workspace: Workspace,
+                                            tmp_path: Path) -> None:
+    planset = tiny_planset["planset"]
+    bad = planset.members[0].model_copy(update={"file_sha256": "0" * 64})
+    broken = planset.model_copy(update={"members": [bad]})
+    with pytest.raises(PlanError, match=f"member {bad.id}"):
+        P.materialize(broken, tmp_path / "state", workspace=workspace)
+    assert list((tmp_path / "state").iterdir()) == []  # nothing partial left
+    with pytest.raises(InputError, match="not the plan set's model"):
+        P.materialize(broken, tmp_path / "state", workspace=workspace,
+                      source=tiny_planset["state"] / member_filename(planset, bad))
+
+
+def test_condition_retimes_without_rebuilding(tiny_planset: dict, workspace: Workspace,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tiny_planset["out"]
+
+    def forbidden(*_a: object, **_k: object) -> None:
+        raise AssertionError("a condition must not rebuild or re-score")
+
+    monkeypatch.setattr(P, "measure_file", forbidden)
+    monkeypatch.setattr(P, "build_gguf", forbidden)
+    monkeypatch.setattr(P, "measure_footprint", forbidden)
+    updated = P.record_condition(out, "busy", workspace=workspace,
+                                 state_dir=tiny_planset["state"])
+    assert all(m.conditions["busy"].n == PROTOCOL.reps for m in updated.members)
+    before = {m.id: m.measured for m in tiny_planset["planset"].members}
+    assert all(m.measured == before[m.id] for m in updated.members)
+    assert load_planset(out) == updated
+    with pytest.raises(InputError, match="condition name"):
+        P.record_condition(out, "bad name!", workspace=workspace)
