@@ -6,6 +6,12 @@ import math
 
 import numpy as np
 
+# The names of the measured and predicted metrics, everywhere (plans, studies, plan sets).
+MEMORY = "memory_bytes"
+LATENCY = "latency_ms"
+ACCURACY_METRICS = ("ppl", "kld")
+METRICS = (MEMORY, LATENCY, *ACCURACY_METRICS)
+
 
 def mean_and_error(values: np.ndarray, /) -> tuple[float, float]:
     """Mean and its standard error, llama.cpp's mean_and_uncertainty: sqrt(var / (n - 1))."""

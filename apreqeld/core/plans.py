@@ -16,14 +16,14 @@ from apreqeld import __version__
 from apreqeld.core.allocation import allocate, rank_order
 from apreqeld.core.candidates import exact_memory, proportional_metrics
 from apreqeld.core.disturbance import DISTURBED, disturbed_text, profile_latency_evidence
+from apreqeld.core.metrics import ACCURACY_METRICS, LATENCY, MEMORY, METRICS
 from apreqeld.core.qtypes import qtype
 from apreqeld.core.recipes import ModelShape, expected_types, llama_quantize_recipe, tensor_recipe
 from apreqeld.core.topsis import rank_distributions
 from apreqeld.errors import PlanError
 
-ACCURACY_METRICS = ("ppl", "kld")
 ESTIMATORS = ("proportional", "exact")
-PREDICTED = ("memory_bytes", "latency_ms", "ppl", "kld")
+PREDICTED = METRICS
 DISTURBED_POLICIES = ("refuse", "flag")
 
 
@@ -105,7 +105,7 @@ def make_plan(view: ModelShape, sha256: str, device_profile: Mapping, layer_prof
     if limits:
         _check_reachable(limits, all_costs, exact(np.eye(len(types), dtype=np.int64) *
                                                   len(names)))
-    criteria = ("memory_bytes", "latency_ms", accuracy)
+    criteria = (MEMORY, LATENCY, accuracy)
     ranking = rank_distributions(len(names), cost_matrix(device_profile, columns=criteria),
                                  weights, memory_column=exact if estimator == "exact" else None,
                                  feasible=feasible if limits else None)

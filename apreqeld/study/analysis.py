@@ -6,6 +6,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from apreqeld.core.metrics import LATENCY, MEMORY
+
 CATEGORIES: tuple[str, ...] = ("Fairness", "Memory", "Latency", "Accuracy")
 """The paper's four configuration categories, in report order."""
 
@@ -39,7 +41,7 @@ def robustness_table(
     models: Sequence[Mapping[str, Any]],
     /,
     *,
-    metrics: Sequence[str] = ("memory_bytes", "latency_ms", "ppl"),
+    metrics: Sequence[str] = (MEMORY, LATENCY, "ppl"),
     categories: Sequence[str] = CATEGORIES,
 ) -> dict[str, Any]:
     """Paper Table 2: per category, mean distance to the best measured model, plus the best check.

@@ -16,6 +16,7 @@ import numpy as np
 
 from apreqeld import __version__
 from apreqeld.core.configs import PAPER_CONFIGS, WeightConfig
+from apreqeld.core.metrics import LATENCY, MEMORY
 from apreqeld.core.pareto import compare_sets, nondominated
 from apreqeld.core.plans import canonical_sha256, make_plan
 from apreqeld.core.qtypes import qtype
@@ -29,7 +30,7 @@ from apreqeld.study.analysis import robustness_table
 from apreqeld.study.report import render_report
 from apreqeld.workflow import PlanOptions, build, evidence
 
-OBJECTIVES = ("memory_bytes", "latency_ms")
+OBJECTIVES = (MEMORY, LATENCY)
 # The paper's reference point (the uniform set's worst values) gives no volume to a uniform
 # type that is worst in any objective; the "+margin" variants also report the usual remedy.
 HV_MARGIN = 0.1
