@@ -89,7 +89,42 @@ def render_status(s: dict) -> str:
         f"in flight: {'yes' if s['in_flight'] else 'no'}",
         f"served     {counts.get('served', 0)} requests, {counts.get('swaps', 0)} swaps, "
         f"{counts.get('restarts', 0)} restarts",
+        *render_machine(s),
     ])
+
+
+def _mib(value: float | None) -> str:
+    return "unknown" if value is None else f"{value / MIB:.0f} MiB"
+
+
+def render_machine(s: dict) -> list[str]:
+    """The monitor's state, the budget, and each plan's fit and closeness."""
+    mon, state = s.get("monitor"), s.get("state") or {}
+    if not mon:
+        return []
+    signals = [f"available {_mib(state.get('mem_available_bytes'))}"]
+    if state.get("cgroup_headroom_bytes") is not None:
+        signals.append(f"cgroup headroom {_mib(state['cgroup_headroom_bytes'])}")
+    for key, label, fmt in (("psi_memory_some_avg10", "PSI some", "{:.1f}%"),
+                            ("power_mode", "power", "{}"), ("gpu_load", "GPU", "{:.0%}"),
+                            ("cpu_freq_ratio", "CPU freq", "{:.0%}"),
+                            ("temperature_c", "temp", "{:.0f} C")):
+        if state.get(key) is not None:
+            signals.append(f"{label} {fmt.format(state[key])}")
+    cost = (f"{mon['cpu_percent']:.3f}% CPU" if mon.get("cpu_percent") is not None else "")
+    decide = (f", decide {mon['decide_ms_p50']:.3f} ms (median)" if mon.get("decide_ms_p50")
+              else "")
+    lines = [f"monitor    {mon['source']} every {mon['interval_s']:g} s"
+             f"{'' if mon.get('adapt', True) else ' (not adapting)'}; {cost}{decide}",
+             f"machine    {', '.join(signals)}",
+             f"budget     {_mib(s.get('budget_bytes'))}"]
+    for p in s.get("plans") or []:
+        mark = "*" if p["serving"] else " "
+        fit = "fits" if p["fits"] else f"no: {p['why']}"
+        score = f"{p['closeness']:.3f}" if p.get("closeness") is not None else "-"
+        lines.append(f"  {mark} {p['id'][:16]:<16} {p['footprint_bytes'] / MIB:>7.1f} MiB "
+                     f"{p['latency_ms']:>7.2f} ms/tok  closeness {score:>5}  {fit}")
+    return lines
 
 
 def render_plans(p: dict) -> str:

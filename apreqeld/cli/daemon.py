@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from apreqeld.errors import ApreqelError
-from apreqeld.runtime.config import DEFAULT_RESERVE, SOCKET_ENV, load_config
+from apreqeld.runtime.config import (
+    DEFAULT_RESERVE,
+    DEFAULT_SLACK,
+    MONITORS,
+    SOCKET_ENV,
+    load_config,
+)
+
+MIB = 1024**2
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,8 +37,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", dest="queue_bound", type=int, help="queue bound (default 64)")
     p.add_argument("--priority", help="initial priority: a preset or three weights "
                    "(default balanced)")
-    p.add_argument("--reserve", dest="reserve_bytes", type=int,
-                   help=f"memory kept free, bytes (default {DEFAULT_RESERVE})")
+    p.add_argument("--reserve", dest="reserve_bytes", metavar="SIZE",
+                   help=f"memory kept free for the OS: 512MiB, 1GB or bytes "
+                        f"(default {DEFAULT_RESERVE // MIB}MiB)")
+    p.add_argument("--slack", dest="slack_bytes", metavar="SIZE",
+                   help=f"a bigger plan must fit the budget with this to spare "
+                        f"(default {DEFAULT_SLACK // MIB}MiB)")
+    p.add_argument("--monitor", metavar="SPEC",
+                   help=f"machine monitor: {MONITORS} (default auto: jtop, else procfs)")
+    p.add_argument("--monitor-interval", dest="monitor_interval_s", type=float, metavar="S",
+                   help="seconds between two monitor readings (default 1)")
+    p.add_argument("--record", type=Path, metavar="FILE",
+                   help="write the live states seen as a JSONL trace")
+    p.add_argument("--margin", dest="swap_margin", type=float,
+                   help="closeness a better plan must gain to switch (default 0.05)")
+    p.add_argument("--dwell", dest="min_dwell_s", type=float, metavar="S",
+                   help="seconds a plan serves before an upgrade (default 10)")
+    p.add_argument("--no-adapt", dest="adapt", action="store_const", const=False,
+                   help="decide but do not swap when the machine changes")
     p.add_argument("--swap-mode", choices=["auto", "make-before-break", "break-before-make"])
     p.add_argument("--grace", dest="grace_s", type=float,
                    help="seconds in-flight requests get on SIGTERM (default 10)")
@@ -41,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = vars(parser().parse_args(argv))
     file = args.pop("config")
+    logging.basicConfig(format="apreqeld: %(message)s", level=logging.WARNING)
     try:
         from apreqeld.runtime.server import run_daemon
 

@@ -7,14 +7,17 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from apreqeld.core.limits import parse_size
 from apreqeld.errors import InputError
 from apreqeld.manifest import one_line
 from apreqeld.storage import default_workdir
 
 SOCKET_ENV = "APREQELD_SOCKET"
 DEFAULT_RESERVE = 256 * 1024**2
+DEFAULT_SLACK = 64 * 1024**2
+MONITORS = "auto, procfs, jtop or trace:FILE"
 
 
 def default_socket() -> Path:
@@ -45,11 +48,40 @@ class DaemonConfig(BaseModel):
     priority: str = "balanced"
     swap_margin: float = Field(default=0.05, ge=0, le=1)
     min_dwell_s: float = Field(default=10.0, ge=0)
-    reserve_bytes: int = Field(default=DEFAULT_RESERVE, ge=0)
+    reserve_bytes: int = Field(default=DEFAULT_RESERVE, ge=0,
+                               description="memory kept free for the OS (512MiB, 1GB, bytes)")
+    slack_bytes: int = Field(default=DEFAULT_SLACK, ge=0,
+                             description="a bigger plan must fit the budget with this to spare")
+    monitor: str = Field(default="auto", description=MONITORS)
+    monitor_interval_s: float = Field(default=1.0, gt=0, le=60)
+    record: Path | None = Field(default=None, description="JSONL of the live states seen")
+    adapt: bool = Field(default=True, description="follow the machine (False: decide, not act)")
     swap_mode: Literal["auto", "make-before-break", "break-before-make"] = "auto"
     grace_s: float = Field(default=10.0, ge=0, description="SIGTERM: time to finish requests")
     load_timeout_s: float = Field(default=120.0, gt=0)
     watch: bool = True
+    admin_group: str | None = Field(default=None, description="group (name or gid) whose "
+                                    "members may control the daemon, besides root and the "
+                                    "service user")
+
+    @field_validator("reserve_bytes", "slack_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        """Sizes may be written 512MiB, 1GB or plain bytes."""
+        if isinstance(value, str) and value.strip() not in ("0", "0B"):
+            try:
+                return int(parse_size(value))
+            except InputError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("monitor")
+    @classmethod
+    def _monitor(cls, value: str) -> str:
+        kind, sep, arg = value.partition(":")
+        if (kind == "trace" and arg) or (kind in ("auto", "procfs", "jtop") and not sep):
+            return value
+        raise ValueError(f"unknown monitor '{value}' (use {MONITORS})")
 
 
 def load_config(file: Path | None, /, **overrides: object) -> DaemonConfig:

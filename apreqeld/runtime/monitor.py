@@ -355,16 +355,22 @@ class TraceRecord(BaseModel):
     temperature_c: float | None = Field(default=None, allow_inf_nan=False)
     on_battery: bool | None = None
     power_w: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    model_bytes: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
 
 def load_trace(path: str | Path, /) -> list[State]:
     """Read and validate a JSONL trace; one-line InputError naming the line and field."""
+    return [state for state, _ in _load_records(path)]
+
+
+def _load_records(path: str | Path, /) -> list[tuple[State, float]]:
+    """(state, model_bytes) per line: the daemon model's footprint counted in MemAvailable."""
     p = Path(path)
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise InputError(f"cannot read trace {p}: {exc.strerror}") from None
-    states: list[State] = []
+    states: list[tuple[State, float]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -373,16 +379,23 @@ def load_trace(path: str | Path, /) -> list[State]:
         except ValueError as exc:
             why = one_line(exc) if isinstance(exc, ValidationError) else "not valid JSON"
             raise InputError(f"{p} line {number}: {why}") from None
-        if states and record.t < states[-1].t:
+        if states and record.t < states[-1][0].t:
             raise InputError(f"{p} line {number}: t {record.t} goes back in time")
-        states.append(State(source="trace", **record.model_dump()))
+        row = record.model_dump()
+        model = row.pop("model_bytes") or 0.0
+        states.append((State(source="trace", **row), model))
     if not states:
         raise InputError(f"trace {p} holds no states")
     return states
 
 
 class TraceSource:
-    """Replays a trace in real time (scaled by `speed`): read() gives the state in force now."""
+    """Replays a trace in real time (scaled by `speed`): read() gives the state in force now.
+
+    A line's MemAvailable counts its `model_bytes` (the recording daemon's model, 0 when absent:
+    a scenario written by hand) as used; replay swaps that for `loaded_bytes`, the footprint
+    the replaying daemon has loaded, so a downgrade frees memory as it would on the machine.
+    """
 
     name = "trace"
 
@@ -390,7 +403,10 @@ class TraceSource:
                  speed: float = 1.0) -> None:
         if not speed > 0:
             raise InputError(f"trace speed must be positive, got {speed}")
-        self.states = load_trace(path)
+        records = _load_records(path)
+        self.states = [state for state, _ in records]
+        self._model = [model for _, model in records]
+        self.loaded_bytes = 0.0
         self._clock = clock
         self._speed = speed
         self._start = clock()
@@ -411,7 +427,20 @@ class TraceSource:
         elapsed = self._elapsed()
         while self._index + 1 < len(self.states) and self.states[self._index + 1].t <= elapsed:
             self._index += 1
-        return self.states[self._index]
+        state = self.states[self._index]
+        shift = self._model[self._index] - self.loaded_bytes
+        if shift and state.mem_available_bytes is not None:
+            state = replace(state, mem_available_bytes=max(state.mem_available_bytes + shift, 0))
+        return state
+
+    def restart(self) -> None:
+        """Start the replay again from its first state, now."""
+        self._start = self._clock()
+        self._index = 0
+
+    def elapsed(self) -> float:
+        """Seconds of trace time since the replay started."""
+        return self._elapsed()
 
     def close(self) -> None:
         """Nothing to release."""
@@ -430,14 +459,17 @@ class Recorder:
         self._file = self.path.open("w", encoding="utf-8")
         self._t0: float | None = None
 
-    def write(self, state: State, /) -> None:
-        """Append one line; unknown fields are left out (a line needs MemAvailable)."""
+    def write(self, state: State, /, *, model_bytes: float | None = None) -> None:
+        """Append one line (with the daemon's own model footprint, counted in MemAvailable);
+        unknown fields are left out (a line needs MemAvailable)."""
         if state.mem_available_bytes is None:
             return
         if self._t0 is None:
             self._t0 = state.t
         row = {k: v for k, v in asdict(state).items() if k in self._KEYS and v is not None}
         row["t"] = round(state.t - self._t0, 3)
+        if model_bytes:
+            row["model_bytes"] = model_bytes
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
 

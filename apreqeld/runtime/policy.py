@@ -73,6 +73,21 @@ class Policy:
             return 1.0
         return latency_scale(list(self._served), current.latency_ms)
 
+    def budget(self, state: State, /, *, current_footprint: float) -> float | None:
+        """Bytes the served member may occupy in this state (None: no memory signal)."""
+        return budget_bytes(
+            mem_available=state.mem_available_bytes,
+            cgroup_headroom=state.cgroup_headroom_bytes,
+            current_footprint=current_footprint,
+            reserve=self.reserve_bytes,
+            psi_some_avg10=state.psi_memory_some_avg10,
+            mem_total=state.mem_total_bytes,
+        )
+
+    def dwell_elapsed(self, now: float, /) -> bool:
+        """True when the last switch is at least the dwell time before `now`."""
+        return self.last_switch is None or now - self.last_switch >= self.min_dwell_s
+
     def decide(
         self,
         state: State,
@@ -87,15 +102,8 @@ class Policy:
         """The member to serve in this state; a switch starts the dwell time at `now`."""
         cands = candidates_of(members, accuracy=accuracy, power_mode=state.power_mode)
         loaded = next((c for c in cands if c.id == current), None)
-        budget = budget_bytes(
-            mem_available=state.mem_available_bytes,
-            cgroup_headroom=state.cgroup_headroom_bytes,
-            current_footprint=loaded.footprint_bytes if loaded else 0.0,
-            reserve=self.reserve_bytes,
-            psi_some_avg10=state.psi_memory_some_avg10,
-            mem_total=state.mem_total_bytes,
-        )
-        dwell = self.last_switch is None or now - self.last_switch >= self.min_dwell_s
+        budget = self.budget(state, current_footprint=loaded.footprint_bytes if loaded else 0.0)
+        dwell = self.dwell_elapsed(now)
         decision = choose(
             cands, priority, current=current, budget_bytes=budget,
             latency_scale=self.latency_scale(loaded), margin=self.margin,

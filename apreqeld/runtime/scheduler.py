@@ -7,8 +7,10 @@ break-before-make takes the slot (the in-flight request finishes first), stops t
 loads the new one, and releases. Every accepted request is answered exactly once (`Job.answer`).
 A worker that dies is restarted by whoever next needs it under the slot.
 
-Triggers: the user's priority (`set_priority`), `pin`/`unpin`, a plan-set `reload`; the machine
-policy (issue 10) plugs in through `apply_decision(decision, source=...)` with its own budget.
+Triggers: the user's priority (`set_priority`), `pin`/`unpin`, a plan-set `reload`, and the
+machine: with a monitor, a policy task reads one State per interval, computes the budget and
+asks `Policy.decide`; a switch goes through `apply_decision` (at once when the serving plan no
+longer fits, after margin and dwell for an upgrade). A decision is an event when it changes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import sys
 import time
 from collections import deque
@@ -25,18 +28,27 @@ from pathlib import Path
 
 import psutil
 
-from apreqeld.core.selection import Candidate, Decision, Priority, choose
+from apreqeld.core.selection import (
+    Candidate,
+    Decision,
+    Priority,
+    choose,
+    closeness,
+    feasibility,
+)
 from apreqeld.errors import BusyError, DaemonError, InputError
 from apreqeld.manifest import Member, PlanSet, load_planset, member_filename
 from apreqeld.runtime import wire
 from apreqeld.runtime.config import DaemonConfig
+from apreqeld.runtime.monitor import Recorder, Source, State, TraceSource
+from apreqeld.runtime.policy import Policy, candidates_of
 from apreqeld.runtime.workers import Job, Spawn, Worker
 
 StartWorker = Callable[[str, Path, Spawn], Awaitable[Worker]]
 MAKE, BREAK = "make-before-break", "break-before-make"
 # Events also written to stderr (the journal under systemd); decisions are too frequent.
 LOGGED = {"swap_done", "swap_failed", "load_failed", "planset_reloaded", "planset_rejected",
-          "worker_died", "worker_restart", "materialize"}
+          "worker_died", "worker_restart", "materialize", "monitor_start", "monitor_error"}
 
 
 def log_line(event: dict) -> str:
@@ -57,6 +69,22 @@ def priority_dict(priority: Priority) -> dict:
             "levels": {k: v for k, v in asdict(priority.levels).items() if v is not None}}
 
 
+def _quantile(values: deque[float], q: float) -> float | None:
+    """The q-quantile (nearest rank) of the recent values, None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(int(q * len(ordered)), len(ordered) - 1)], 4)
+
+
+def state_dict(state: State | None) -> dict | None:
+    """The known fields of a State (None fields are unknown and left out)."""
+    if state is None:
+        return None
+    return {k: (round(v, 4) if isinstance(v, float) else v)
+            for k, v in asdict(state).items() if v is not None}
+
+
 def decision_dict(decision: Decision) -> dict:
     return {"choice": decision.choice, "switch": decision.switch, "reason": decision.reason,
             "feasible": list(decision.feasible),
@@ -68,8 +96,19 @@ class Scheduler:
     """Queue, workers, swaps, events."""
 
     def __init__(self, config: DaemonConfig, planset: PlanSet, priority: Priority, *,
-                 start_worker: StartWorker = Worker.start) -> None:
+                 start_worker: StartWorker = Worker.start,
+                 monitor: Source | None = None) -> None:
         self.config = config
+        self.monitor = monitor
+        self.policy = Policy(margin=config.swap_margin, min_dwell_s=config.min_dwell_s,
+                             reserve_bytes=config.reserve_bytes, slack_bytes=config.slack_bytes)
+        self.state: State | None = None  # the monitor's last reading
+        self.watch = {"source": monitor.name if monitor else None, "started": None,
+                      "ticks": 0, "cpu_s": 0.0, "decisions": 0, "decide_ms_sum": 0.0,
+                      "decide_ms_max": 0.0, "errors": 0}
+        self._decide_ms: deque[float] = deque(maxlen=1000)
+        self._recorder: Recorder | None = None
+        self._decision_key: tuple | None = None
         self.planset = planset
         self.priority = priority
         self.pinned: str | None = None
@@ -108,7 +147,15 @@ class Scheduler:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Choose the first plan, load it, and start serving."""
+        """Choose the first plan, load it, and start serving (and watching the machine)."""
+        if self.monitor is not None:
+            if self.config.record is not None:
+                try:
+                    self._recorder = Recorder(self.config.record)
+                except OSError as exc:
+                    raise InputError(f"cannot record to {self.config.record}: "
+                                     f"{exc.strerror}") from None
+            self.state = self.monitor.read()
         decision = self.decide(source="start")
         first = self.pinned or decision.choice
         others = sorted((m for m in self.planset.members if m.id != first),
@@ -129,6 +176,8 @@ class Scheduler:
         self._tasks = [asyncio.create_task(self._dispatch(), name="dispatch"),
                        asyncio.create_task(self._swapper(), name="swapper"),
                        asyncio.create_task(self._prefetch(), name="prefetch")]
+        if self.monitor is not None:
+            self._tasks.append(asyncio.create_task(self._follow(), name="policy"))
 
     async def shutdown(self, grace_s: float) -> None:
         """Refuse new work, let queued and in-flight requests finish within `grace_s`, then
@@ -150,6 +199,10 @@ class Scheduler:
         await asyncio.gather(*(w.stop() for w in list(self._workers)))
         self.active = None
         self._workers.clear()
+        if self.monitor is not None:
+            self.monitor.close()
+        if self._recorder is not None:
+            self._recorder.close()
 
     # ------------------------------------------------------------------ requests
 
@@ -186,6 +239,7 @@ class Scheduler:
                                                   - result["usage"].get("total_ms", 0), 3)}
                     if job.answer(result):
                         self.counts["cancelled" if job.cancelled else "served"] += 1
+                    self._observe(worker.plan, result["usage"].get("ms_per_token"))
                 except DaemonError as exc:
                     if job.answer(error=exc):
                         self.counts["failed"] += 1
@@ -281,13 +335,13 @@ class Scheduler:
 
     # ------------------------------------------------------------------ decisions
 
+    def _members(self) -> list[Member]:
+        return self.planset.pareto_members or self.planset.members
+
     def candidates(self) -> list[Candidate]:
-        members = self.planset.pareto_members or self.planset.members
-        acc = self.planset.accuracy
-        return [Candidate(m.id, float(m.measured.footprint_bytes),
-                          float(m.measured.latency.median_ms),
-                          float(m.measured.kld if acc == "kld" else m.measured.ppl))
-                for m in members]
+        """The plan set as the policy sees it, at the monitor's power mode."""
+        mode = self.state.power_mode if self.state is not None else None
+        return candidates_of(self._members(), accuracy=self.planset.accuracy, power_mode=mode)
 
     def _member(self, plan: str | None) -> Member | None:
         """The member with this exact id in the current plan set (a reload may drop it)."""
@@ -299,27 +353,137 @@ class Scheduler:
         member = self._member(plan)
         return float(member.measured.footprint_bytes) if member else 0.0
 
-    def budget_bytes(self) -> float:
-        """Memory a variant may use now: MemAvailable + the serving variant - the reserve."""
-        available = psutil.virtual_memory().available
-        return available + self.footprint(self.serving) - self.config.reserve_bytes
+    def measured_footprint(self, plan: str | None) -> float:
+        """The member's measured footprint (what the policy counts), 0 for none."""
+        member = self._member(plan)
+        return float(member.measured.footprint_bytes) if member else 0.0
+
+    def budget_bytes(self) -> float | None:
+        """Memory a variant may use now: min(MemAvailable, cgroup headroom), tightened by
+        pressure, + the serving variant - the reserve (psutil's MemAvailable without monitor)."""
+        if self.state is None:
+            available = psutil.virtual_memory().available
+            return available + self.footprint(self.serving) - self.config.reserve_bytes
+        return self.policy.budget(self.state,
+                                  current_footprint=self.measured_footprint(self.serving))
+
+    def latency_scale(self) -> float:
+        """How much slower than measured the serving plan runs now (1.0 when unknown)."""
+        current = next((c for c in self.candidates() if c.id == self.serving), None)
+        return self.policy.latency_scale(current)
 
     def decide(self, *, source: str, margin: float = 0.0, dwell: bool = True) -> Decision:
         """The user's priority over the plan set (user-initiated: no margin, no dwell)."""
         decision = choose(self.candidates(), self.priority, current=self.serving,
-                          budget_bytes=self.budget_bytes(), margin=margin, dwell_elapsed=dwell)
+                          budget_bytes=self.budget_bytes(), latency_scale=self.latency_scale(),
+                          margin=margin, dwell_elapsed=dwell,
+                          slack_bytes=self.policy.slack_bytes if self.state else 0.0)
         self.last_decision = decision_dict(decision) | {"source": source}
+        self._decision_key = self._key(decision)
         self.emit("decision", source=source, **{"from": self.serving, "to": decision.choice},
                   reason=decision.reason, switch=decision.switch,
-                  budget_bytes=decision.budget_bytes)
+                  budget_bytes=decision.budget_bytes, state=state_dict(self.state))
         return decision
 
     def dwell_elapsed(self) -> bool:
-        return time.monotonic() - self._since_swap >= self.config.min_dwell_s
+        return self.policy.dwell_elapsed(time.monotonic())
+
+    # ------------------------------------------------------------------ the machine
+
+    async def _follow(self) -> None:
+        """Read the monitor every interval and act on the policy's decision."""
+        if isinstance(self.monitor, TraceSource):
+            self.monitor.restart()  # the trace starts when serving starts
+        self.watch["started"] = time.time()
+        self.emit("monitor_start", source=self.monitor.name,
+                  interval_s=self.config.monitor_interval_s, adapt=self.config.adapt)
+        while True:
+            self.tick()
+            await asyncio.sleep(self.config.monitor_interval_s)
+
+    def tick(self) -> Decision | None:
+        """One reading, one decision (none while a swap is pending); its CPU time counted."""
+        cpu = time.thread_time()
+        try:
+            return self._tick()
+        except Exception as exc:  # noqa: BLE001 - a bad reading must not stop the loop
+            self.watch["errors"] += 1
+            if self.watch["errors"] == 1:
+                self.emit("monitor_error", reason=f"{type(exc).__name__}: {exc}")
+            return None
+        finally:
+            self.watch["ticks"] += 1
+            self.watch["cpu_s"] += time.thread_time() - cpu
+
+    def _tick(self) -> Decision | None:
+        footprint = self.measured_footprint(self.serving)
+        if isinstance(self.monitor, TraceSource):
+            self.monitor.loaded_bytes = footprint
+        self.state = self.monitor.read()
+        if self._recorder is not None:
+            self._recorder.write(self.state, model_bytes=footprint)
+        if self.swap is not None or self.target != self.serving or self.serving is None:
+            return None
+        t0 = time.perf_counter()
+        decision = self.policy.decide(self.state, self._members(), self.priority,
+                                      current=self.serving, now=time.monotonic(),
+                                      accuracy=self.planset.accuracy)
+        ms = (time.perf_counter() - t0) * 1000
+        self.watch["decisions"] += 1
+        self.watch["decide_ms_sum"] += ms
+        self.watch["decide_ms_max"] = max(self.watch["decide_ms_max"], ms)
+        self._decide_ms.append(ms)
+        key = self._key(decision)
+        if key != self._decision_key:  # only a changed choice or reason is an event
+            self._decision_key = key
+            self.last_decision = decision_dict(decision) | {"source": "monitor"}
+            held = (" (pinned)" if self.pinned else " (not adapting)"
+                    if not self.config.adapt else "")
+            self.emit("decision", source="monitor",
+                      **{"from": self.serving, "to": decision.choice},
+                      reason=decision.reason + (held if decision.switch else ""),
+                      switch=decision.switch, feasible=list(decision.feasible),
+                      budget_bytes=decision.budget_bytes, state=state_dict(self.state),
+                      decide_ms=round(ms, 3))
+        if self.config.adapt:
+            self.apply_decision(decision, source="monitor")
+        return decision
+
+    @staticmethod
+    def _key(decision: Decision) -> tuple:
+        return (decision.choice, decision.switch, decision.feasible,
+                re.sub(r"[0-9.]+", "#", decision.reason))
+
+    def _observe(self, plan: str, ms_per_token: float | None) -> None:
+        """Feed a served ms/token to the policy (not while replaying a trace: the trace stands
+        for the machine, and this machine's real speed would cancel its power modes)."""
+        if ms_per_token and self.monitor is not None and not isinstance(self.monitor,
+                                                                         TraceSource):
+            self.policy.observe(plan, float(ms_per_token))
+
+    def plan_fit(self) -> list[dict]:
+        """Each candidate: footprint, live latency, accuracy, fits or why not, closeness."""
+        budget, scale = self.budget_bytes(), self.latency_scale()
+        slack = self.policy.slack_bytes if self.state else 0.0
+        rows, fitting = [], []
+        for c in self.candidates():
+            limit = budget if budget is None or c.id == self.serving else budget - slack
+            why = feasibility(c, self.priority.levels, budget_bytes=limit, latency_scale=scale)
+            if why is None:
+                fitting.append(c)
+            rows.append({"id": c.id, "footprint_bytes": c.footprint_bytes,
+                         "latency_ms": round(c.latency_ms * scale, 3), "accuracy": c.accuracy,
+                         "fits": why is None, "why": why, "serving": c.id == self.serving})
+        scores = closeness(fitting, self.priority.weights, latency_scale=scale)
+        for row in rows:
+            row["closeness"] = round(scores[row["id"]], 4) if row["id"] in scores else None
+        return rows
 
     def apply_decision(self, decision: Decision, *, source: str) -> bool:
         """The hook for a periodic policy: swap to `decision.choice` unless pinned."""
         if self.pinned or not decision.switch or decision.choice is None:
+            return False
+        if decision.choice == self.target:
             return False
         self.request_swap(decision.choice, reason=f"{source}: {decision.reason}")
         return True
@@ -412,14 +576,20 @@ class Scheduler:
         if self.config.swap_mode != "auto":
             return self.config.swap_mode
         need = self.planset.member(target).measured.footprint_bytes
-        free = psutil.virtual_memory().available - self.config.reserve_bytes
+        if self.state is not None:  # the budget less the serving variant still loaded
+            budget = self.budget_bytes()
+            free = (budget - self.measured_footprint(self.serving)) if budget is not None \
+                else psutil.virtual_memory().available - self.config.reserve_bytes
+        else:
+            free = psutil.virtual_memory().available - self.config.reserve_bytes
         return MAKE if need <= free else BREAK
 
     async def _swap(self, target: str, reason: str) -> bool:
         source, mode, t0 = self.serving, self.swap_mode(target), time.monotonic()
         self.swap = {"from": source, "to": target, "mode": mode, "phase": "loading",
                      "reason": reason, "since": time.time()}
-        self.emit("swap_start", **{"from": source, "to": target}, mode=mode, reason=reason)
+        self.emit("swap_start", **{"from": source, "to": target}, mode=mode, reason=reason,
+                  state=state_dict(self.state))
         try:
             if mode == MAKE:
                 try:
@@ -454,14 +624,16 @@ class Scheduler:
         finally:
             self.swap = None
         self._since_swap = time.monotonic()
+        self.policy.switched(now=self._since_swap)
         self.counts["swaps"] += 1
         self.emit("swap_done", **{"from": source, "to": target}, mode=mode, reason=reason,
                   total_ms=round((time.monotonic() - t0) * 1000, 1),
-                  downtime_ms=round(down * 1000, 1))
+                  downtime_ms=round(down * 1000, 1), state=state_dict(self.state))
         return True
 
     def _swap_failed(self, source: str | None, target: str, exc: DaemonError) -> bool:
-        self.emit("swap_failed", **{"from": source, "to": target}, reason=str(exc))
+        self.emit("swap_failed", **{"from": source, "to": target}, reason=str(exc),
+                  state=state_dict(self.state))
         return False
 
     # ------------------------------------------------------------------ events, status
@@ -508,7 +680,30 @@ class Scheduler:
             "subscribers": len(self._subscribers),
             "last_decision": self.last_decision,
             "uptime_s": round(time.monotonic() - self._started, 1),
+            "monitor": self.monitor_status(),
+            "state": state_dict(self.state),
+            "budget_bytes": self.budget_bytes(),
+            "plans": self.plan_fit(),
         }
+
+    def monitor_status(self) -> dict | None:
+        """The monitor's source, interval, readings and their CPU and decision cost."""
+        if self.monitor is None:
+            return None
+        w = self.watch
+        alive = time.time() - w["started"] if w["started"] else 0.0
+        return {"source": w["source"], "interval_s": self.config.monitor_interval_s,
+                "adapt": self.config.adapt, "started": w["started"], "ticks": w["ticks"],
+                "errors": w["errors"], "cpu_s": round(w["cpu_s"], 6),
+                "cpu_percent": round(100 * w["cpu_s"] / alive, 4) if alive > 0 else None,
+                "decide_ms_mean": (round(w["decide_ms_sum"] / w["decisions"], 4)
+                                   if w["decisions"] else None),
+                "decide_ms_p50": _quantile(self._decide_ms, 0.5),
+                "decide_ms_p99": _quantile(self._decide_ms, 0.99),
+                "decide_ms_max": round(w["decide_ms_max"], 4),
+                "dwell_elapsed": self.dwell_elapsed(),
+                "trace_t": (round(self.monitor.elapsed(), 2)
+                            if isinstance(self.monitor, TraceSource) else None)}
 
     def plans(self) -> dict:
         members = []

@@ -11,6 +11,7 @@ import signal
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -19,11 +20,18 @@ from apreqeld import __version__
 from apreqeld.core.selection import ServiceLevels, priority_from
 from apreqeld.errors import ApreqelError, DaemonError, InputError
 from apreqeld.manifest import load_planset, manifest_path
-from apreqeld.runtime import notify, wire
+from apreqeld.runtime import access, notify, wire
+from apreqeld.runtime.access import Access
 from apreqeld.runtime.config import DaemonConfig
-from apreqeld.runtime.scheduler import Scheduler
+from apreqeld.runtime.monitor import open_source
+from apreqeld.runtime.scheduler import Scheduler, StartWorker
+from apreqeld.runtime.workers import Spawn, Worker, bad_files, file_problem
 
 RELOAD_DEBOUNCE_S = 0.3
+MAX_CONNECTIONS = 128  # beyond: refused with a "busy" error and closed
+MAX_PENDING = 32  # requests in progress on one connection; beyond: "busy" answers
+FRAME_TIMEOUT_S = 5.0  # a message begun must be finished within this time
+SEND_LIMIT = 4 * wire.MAX_FRAME  # bytes queued unread for one client before it is dropped
 
 
 def bind_socket(path: Path) -> socket.socket:
@@ -60,33 +68,54 @@ class Daemon:
         self.scheduler = scheduler
         self.stopping = asyncio.Event()
         self._connections: set[asyncio.StreamWriter] = set()
+        self.access = Access(os.geteuid(), os.getegid(), access.group_id(config.admin_group))
+        self.refused: dict[str, int] = {}  # connections refused or dropped, by reason
         self._manifest_sha: str | None = None
         self._reload_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ connections
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection: decode frames, check each request, run it in its own task."""
+        sock = writer.get_extra_info("socket")
+        role = self.access.role(access.peer_of(sock) if sock is not None else None)
+        if role is None or len(self._connections) >= MAX_CONNECTIONS:
+            code, why = ((wire.PERMISSION, "permission denied: not in the socket's group")
+                         if role is None else
+                         (wire.BUSY, f"busy: {MAX_CONNECTIONS} connections are open"))
+            self.refused[code] = self.refused.get(code, 0) + 1
+            self._send(writer, wire.notification("error", wire.error(code, why)))
+            writer.close()
+            return
         self._connections.add(writer)
         unpacker = wire.unpacker()
         tasks: set[asyncio.Task] = set()
         jobs: set = set()
+        fed = 0
         try:
-            while data := await reader.read(65536):
+            while not writer.is_closing():
+                partial = fed > unpacker.tell()  # a frame begun and not finished
+                try:
+                    data = await asyncio.wait_for(reader.read(65536),
+                                                  FRAME_TIMEOUT_S if partial else None)
+                except TimeoutError:
+                    self._close_with(writer, wire.INVALID, "an incomplete message for "
+                                     f"{FRAME_TIMEOUT_S:g} s")
+                    break
+                if not data:
+                    if partial:
+                        self._close_with(writer, wire.INVALID, "truncated message")
+                    break
+                fed += len(data)
                 try:
                     unpacker.feed(data)
-                    messages = list(unpacker)
+                    for message in unpacker:
+                        self._admit(writer, message, role, tasks, jobs)
                 except msgpack.BufferFull:
-                    self._send(writer, wire.notification("error", wire.error(
-                        wire.TOO_LARGE, f"message exceeds the frame bound {wire.MAX_FRAME}")))
-                    break
+                    self._close_with(writer, wire.TOO_LARGE,
+                                     f"message exceeds the frame bound {wire.MAX_FRAME}")
                 except (msgpack.UnpackException, ValueError) as exc:
-                    self._send(writer, wire.notification("error", wire.error(
-                        wire.INVALID, f"not MessagePack: {exc}")))
-                    break
-                for message in messages:
-                    task = asyncio.create_task(self._request(writer, message, jobs))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    self._close_with(writer, wire.INVALID, f"not MessagePack: {exc}")
         except (ConnectionError, OSError):
             pass
         finally:
@@ -98,11 +127,14 @@ class Daemon:
             self._connections.discard(writer)
             writer.close()
 
-    def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        if not writer.is_closing():
-            writer.write(data)
+    def _close_with(self, writer: asyncio.StreamWriter, code: str, message: str) -> None:
+        """An error notification, then the connection ends (after it is written)."""
+        self._send(writer, wire.notification("error", wire.error(code, message)))
+        writer.close()
 
-    async def _request(self, writer: asyncio.StreamWriter, message: object, jobs: set) -> None:
+    def _admit(self, writer: asyncio.StreamWriter, message: object, role: str,
+               tasks: set[asyncio.Task], jobs: set) -> None:
+        """Validate one decoded message and start serving it, or answer its error at once."""
         try:
             msgid, method, params = wire.parse_request(message)
         except wire.BadMessage as bad:
@@ -111,9 +143,33 @@ class Daemon:
             else:
                 self._send(writer, wire.response(bad.msgid, wire.error(bad.code, bad.message)))
             return
+        if not self.access.allows(role, method):
+            self._send(writer, wire.response(msgid, wire.error(
+                wire.PERMISSION, f"permission denied: {method} needs the control role (root, "
+                "the service user or the admin group)")))
+            return
+        if len(tasks) >= MAX_PENDING:
+            self._send(writer, wire.response(msgid, wire.error(
+                wire.BUSY, f"busy: {MAX_PENDING} requests pending on this connection")))
+            return
+        task = asyncio.create_task(self._request(writer, msgid, method, params, jobs),
+                                   name="events" if method == "events" else method)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        """Queue bytes for a client; one that lets SEND_LIMIT pile up unread is dropped."""
+        if writer.is_closing():
+            return
+        writer.write(data)
+        if writer.transport.get_write_buffer_size() > SEND_LIMIT:
+            self.refused["slow"] = self.refused.get("slow", 0) + 1
+            writer.transport.abort()
+
+    async def _request(self, writer: asyncio.StreamWriter, msgid: int, method: str, params,
+                       jobs: set) -> None:
         try:
             if method == "events":
-                asyncio.current_task().set_name("events")
                 await self._events(writer, msgid)
                 return
             result = await self._call(writer, msgid, method, params, jobs)
@@ -128,8 +184,6 @@ class Daemon:
             print(f"apreqeld: internal error in {method}: {exc!r}", file=sys.stderr)
             reply = wire.response(msgid, wire.error(wire.FAILED, f"internal error: {exc}"))
         self._send(writer, reply)
-        with contextlib.suppress(ConnectionError, OSError):
-            await writer.drain()
 
     async def _call(self, writer, msgid: int, method: str, params, jobs: set) -> object:
         s = self.scheduler
@@ -137,7 +191,8 @@ class Daemon:
             return {"protocol": wire.PROTOCOL, "daemon": f"apreqeld {__version__}",
                     "methods": list(wire.METHODS), "max_frame": wire.MAX_FRAME}
         if method == "status":
-            return s.status()
+            return s.status() | {"connections": len(self._connections),
+                                 "refused": dict(self.refused)}
         if method == "plans":
             return s.plans()
         if method in ("generate", "chat"):
@@ -186,8 +241,20 @@ class Daemon:
             return None
 
     async def reload(self) -> dict:
+        """Load the plan set again; refused (event, old set kept) when the manifest is invalid
+        or a GGUF already in the state dir differs from it."""
         self._manifest_sha = self._read_sha()
-        return await self.scheduler.reload()
+        try:
+            planset = await asyncio.to_thread(load_planset, self.config.plans)
+        except InputError:
+            return await self.scheduler.reload()  # refuses it with the event
+        bad = await asyncio.to_thread(bad_files, planset, Path(self.config.state_dir))
+        if bad:
+            reason = f"GGUF differs from the manifest: {'; '.join(bad)}"
+            self.scheduler.emit("planset_rejected", reason=reason)
+            raise DaemonError(f"plan set refused, keeping the old one: {reason}",
+                              code=wire.INVALID)
+        return await self.scheduler.reload(planset)
 
     def _changed(self) -> None:
         """(event loop) the manifest may have changed: reload after a short quiet time."""
@@ -234,7 +301,9 @@ class Daemon:
         inherited = notify.listen_sockets()
         sock = inherited[0] if inherited else bind_socket(Path(self.config.socket))
         owned = None if inherited else Path(self.config.socket)
-        server = await asyncio.start_unix_server(self.handle, sock=sock)
+        self.access = self.access.for_socket(sock)
+        server = await asyncio.start_unix_server(self.handle, sock=sock,
+                                                 backlog=2 * MAX_CONNECTIONS)
         observer = None
         pinger = None
         try:
@@ -285,13 +354,32 @@ class Daemon:
             await asyncio.sleep(interval)
 
 
+def checked_start(scheduler: Callable[[], Scheduler]) -> StartWorker:
+    """Worker.start that first checks the GGUF against the manifest (size and sha256): a
+    file that differs is refused with a `file_rejected` event and never loaded."""
+    async def start(plan: str, path: Path, spawn: Spawn) -> Worker:
+        s = scheduler()
+        member = next((m for m in s.planset.members if m.id == plan), None)
+        problem = member and await asyncio.to_thread(file_problem, member, path)
+        if problem:
+            s.emit("file_rejected", plan=plan, reason=problem)
+            print(f"apreqeld: file_rejected {plan} ({problem})", file=sys.stderr, flush=True)
+            raise DaemonError(f"refusing to load {plan}: {problem}", code=wire.UNAVAILABLE)
+        return await Worker.start(plan, path, spawn)
+
+    return start
+
+
 def run_daemon(config: DaemonConfig) -> None:
     """Load and check the plan set, then serve until stopped (blocking)."""
     planset = load_planset(config.plans)
     priority = priority_from(config.priority)
     Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+    monitor = open_source(config.monitor)  # auto: jtop, else procfs (said once)
 
     async def main() -> None:
-        await Daemon(config, Scheduler(config, planset, priority)).run()
+        scheduler = Scheduler(config, planset, priority,
+                              start_worker=checked_start(lambda: scheduler), monitor=monitor)
+        await Daemon(config, scheduler).run()
 
     asyncio.run(main())

@@ -8,10 +8,18 @@ An error is the map `{"code": ..., "message": ...}`.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from apreqeld.errors import InputError
 from apreqeld.manifest import one_line
@@ -29,6 +37,7 @@ BUSY = "busy"
 UNAVAILABLE = "unavailable"  # no variant can serve (loading failed)
 WORKER_FAILED = "worker_failed"  # the worker died during the request
 SHUTTING_DOWN = "shutting_down"
+PERMISSION = "permission"  # the peer's role does not allow the method
 FAILED = "failed"
 
 
@@ -77,9 +86,19 @@ class SetPriorityParams(_Params):
         return self
 
 
+_PLAN_ID = re.compile(r"[0-9a-f]{4,64}")
+
+
 class PinParams(_Params):
-    id: str = Field(min_length=4, max_length=64)
+    id: str = Field(description="a member id or a prefix of one (never a path)")
     wait: bool = False
+
+    @field_validator("id")
+    @classmethod
+    def _plan_id(cls, value: str) -> str:
+        if not _PLAN_ID.fullmatch(value):
+            raise ValueError("a plan id is 4 to 64 lower-case hexadecimal characters")
+        return value
 
 
 class UnpinParams(_Params):

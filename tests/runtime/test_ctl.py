@@ -32,14 +32,22 @@ def ok(*args: str, socket: Path) -> str:
 @pytest.mark.timeout(60)
 def test_status_text_and_json(daemon: RunningDaemon, tiny_plans) -> None:
     q4 = tiny_plans.by_label["q4_0"]
-    assert ok("status", socket=daemon.socket) == (
+    text = ok("status", socket=daemon.socket)
+    assert text.startswith(
         f"plan       {q4}  uniform q4_0\n"
         "swapping   no\n"
         "priority   memory (memory 0.80, latency 0.10, accuracy 0.10)\n"
         "pinned     no\n"
         "queue      0 of 64 waiting, in flight: no\n"
-        "served     0 requests, 0 swaps, 0 restarts\n")
+        "served     0 requests, 0 swaps, 0 restarts\n"
+        "monitor    ")
+    lines = text.splitlines()
+    assert lines[7].startswith("machine    available ") and lines[8].startswith("budget     ")
+    assert len(lines) == 9 + 3 and sum(line.startswith("  * ") for line in lines) == 1
+    assert all("closeness" in line for line in lines[9:])
     status = json.loads(ok("status", "--json", socket=daemon.socket))
+    assert status["monitor"]["source"] in ("procfs", "jtop") and status["budget_bytes"] > 0
+    assert {p["id"] for p in status["plans"]} == set(tiny_plans.by_label.values())
     assert status["plan"] == q4 and status["swapping"] is False and status["queue"] == 0
     assert status["priority"]["weights"] == pytest.approx([0.8, 0.1, 0.1])
 
@@ -127,7 +135,11 @@ def test_one_line_errors_and_exit_codes(tmp_path: Path) -> None:
 def test_bad_input_is_one_line_not_a_traceback(daemon: RunningDaemon) -> None:
     run = ctl("pin", "zzzz", socket=daemon.socket)
     assert run.returncode == 1 and run.stderr.count("\n") == 1
-    assert run.stderr.startswith("apreqelctl: no single plan-set member 'zzzz'")
+    assert run.stderr.startswith(
+        "apreqelctl: pin: id: a plan id is 4 to 64 lower-case hexadecimal")
+    run = ctl("pin", "abcd", socket=daemon.socket)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1
+    assert run.stderr.startswith("apreqelctl: no single plan-set member 'abcd'")
     run = ctl("generate", "x", "--max-tokens", "0", socket=daemon.socket)
     assert run.returncode == 1
     assert run.stderr.startswith("apreqelctl: generate: max_tokens: Input should be greater")
