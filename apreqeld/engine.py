@@ -112,20 +112,22 @@ def cpu_description() -> str:
 
 
 def quantize(src: Path, dst: Path, /, *, tensor_types: Mapping[str, str] | None = None,
-             base: str = "q8_0", threads: int = 0) -> int:
+             base: str = "q8_0", threads: int = 0, ftype: int | None = None,
+             pure: bool = True) -> int:
     """Quantize `src` into `dst`, giving every named tensor its type (llama-quantize --tensor-type);
     returns how many tensors llama.cpp had to give a fallback type.
 
     `tensor_types` maps exact tensor names to type names; tensors not named get `base`.
     `pure` disables llama.cpp's own mixing, so what is written is exactly what is asked, up to
-    llama.cpp's shape fallbacks (which the caller checks in the written file).
+    llama.cpp's shape fallbacks (which the caller checks in the written file). A preset is
+    `ftype` (a llama_ftype id, instead of `base`'s) with `pure=False`: llama.cpp's own mixing.
     """
     ll = _llama()
     params = ll.llama_model_quantize_default_params()
     params.nthread = threads
-    params.ftype = int(qtype(base).ftype)
+    params.ftype = int(qtype(base).ftype) if ftype is None else int(ftype)
     params.allow_requantize = True
-    params.pure = True
+    params.pure = pure
     keep = []
     if tensor_types:
         overrides = (ll.llama_model_tensor_override * (len(tensor_types) + 1))()

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from apreqeld.errors import InputError
 from apreqeld.storage import write_json_atomic
@@ -36,7 +36,11 @@ class LatencyStats(_Strict):
     mean_ms: float = Field(gt=0)
     std_ms: float = Field(ge=0)
     n: int = Field(ge=1, description="samples (rounds) behind the figures")
-    disturbed: bool = False
+    disturbed: bool = Field(default=False, description="other processes took the rounds' "
+                            "cores, or the rounds spread too much (core.disturbance)")
+    stolen: float | None = Field(default=None, ge=0, description="share of the rounds' cores "
+                                 "other processes took (None: unknown)")
+    reason: str | None = Field(default=None, description="why the rounds are disturbed")
 
 
 class Metrics(_Strict):
@@ -59,8 +63,10 @@ class Member(_Strict):
     kind: Literal["mix", "uniform", "preset"]
     label: str
     base_type: str = Field(description="type of tensors the recipe does not name")
-    recipe: dict[str, str] = Field(description="tensor name -> type (empty for a preset)")
-    ftype: str | None = Field(default=None, description="llama.cpp file type, for presets")
+    recipe: dict[str, str] = Field(description="tensor name -> type (for a preset: the types "
+                                   "llama.cpp's own mixing gave it, replayed to rebuild it)")
+    ftype: str | None = Field(default=None, description="llama.cpp preset (file type) this "
+                              "member is, e.g. Q4_K_M")
     file_sha256: str = Field(min_length=64, max_length=64)
     file_bytes: int = Field(gt=0)
     weights: list[tuple[float, float, float]] = Field(default_factory=list)
@@ -97,6 +103,21 @@ class Serving(_Strict):
         "a member's footprint_bytes is what loading it added")
 
 
+class PresetComparison(_Strict):
+    """A llama.cpp preset against the plan set's own members (mixes and uniform types)."""
+
+    name: str = Field(description="llama.cpp preset, e.g. Q4_K_M")
+    ftype: int = Field(ge=0, description="its llama_ftype id")
+    member: str = Field(description="id of the member whose file is this preset")
+    dominated_by: list[str] = Field(default_factory=list, description="own members no worse "
+                                    "in every objective and better in one")
+    closest: str | None = Field(default=None, description="the own member nearest to "
+                                "dominating it (smallest worst relative excess)")
+    miss: dict[str, float] = Field(default_factory=dict, description="objective -> relative "
+                                   "excess of `closest` over the preset (> 0: worse by that "
+                                   "share; all <= 0 when it dominates)")
+
+
 class PlanSet(_Strict):
     kind: Literal["apreqeld.planset"] = KIND
     format: Literal[1] = FORMAT
@@ -110,6 +131,7 @@ class PlanSet(_Strict):
     accuracy: Literal["kld", "ppl"] = "kld"
     objectives: tuple[str, str, str] = ("footprint_bytes", "latency_ms", "kld")
     members: list[Member] = Field(min_length=1)
+    presets: list[PresetComparison] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
 
     @field_validator("members")
@@ -121,6 +143,15 @@ class PlanSet(_Strict):
                 raise ValueError(f"member id {m.id} appears twice")
             seen.add(m.id)
         return members
+
+    @model_validator(mode="after")
+    def _presets_name_members(self) -> PlanSet:
+        ids = {m.id for m in self.members}
+        for p in self.presets:
+            for ref in (p.member, *p.dominated_by, *([p.closest] if p.closest else [])):
+                if ref not in ids:
+                    raise ValueError(f"preset {p.name} names member {ref}, which is not one")
+        return self
 
     def member(self, member_id: str) -> Member:
         """The member with this id (a prefix of at least 4 characters is enough)."""
@@ -140,7 +171,7 @@ def one_line(error: ValidationError, /) -> str:
     """The first problem of a pydantic validation error, naming the field."""
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    return f"{where}: {first['msg']}"
+    return f"{where}: {first['msg'].removeprefix('Value error, ')}"
 
 
 def parse_planset(data: object, /, *, source: str = "plan set") -> PlanSet:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,12 +18,14 @@ import numpy as np
 from apreqeld import engine
 from apreqeld.build import build_gguf
 from apreqeld.core.configs import PAPER_CONFIGS, parse_configs
-from apreqeld.core.frontier import dominated_by, simplex_grid, unique_vectors
+from apreqeld.core.disturbance import DISTURBED, latency_record, stolen_share
+from apreqeld.core.frontier import dominance_gaps, dominated_by, simplex_grid, unique_vectors
 from apreqeld.core.metrics import latency_stats
 from apreqeld.core.plans import ACCURACY_METRICS, ESTIMATORS, distribution_text, make_plan, plan_id
-from apreqeld.core.qtypes import qtype
+from apreqeld.core.qtypes import parse_presets, preset_ftype, qtype
 from apreqeld.core.recipes import ModelShape, expected_types, llama_quantize_recipe, tensor_recipe
-from apreqeld.errors import InputError, PlanError
+from apreqeld.errors import EngineError, InputError, PlanError
+from apreqeld.evidence.conditions import Window, combine, observe
 from apreqeld.evidence.footprint import DEFINITION as FOOTPRINT_DEFINITION
 from apreqeld.evidence.footprint import SERVING_BATCH, measure_footprint
 from apreqeld.evidence.measurement import measure_file, order_types, resolve_types
@@ -37,6 +39,7 @@ from apreqeld.manifest import (
     Metrics,
     ModelInfo,
     PlanSet,
+    PresetComparison,
     Serving,
     load_planset,
     manifest_path,
@@ -52,6 +55,12 @@ LATENCY_NOTE = ("ms/token: llama-bench tg (warm-up, then n_gen one-token decodes
                 "by one per round; reps rounds; median and IQR over rounds (mean and std too)")
 
 
+PRESET_NOTE = ("presets: llama.cpp's file types that quantize this model without an imatrix, "
+               "built from the F16 reference with llama.cpp's own mixing; a preset's recipe is "
+               "the per-tensor types it got, replayed to rebuild it; `presets` compares each "
+               "with the mixes and uniform types (miss: relative excess of the closest one)")
+
+
 @dataclass
 class Candidate:
     """A distinct recipe to build and measure, and every weight vector that chose it."""
@@ -63,6 +72,7 @@ class Candidate:
     recipe: dict[str, str]
     weights: list[tuple[float, float, float]] = field(default_factory=list)
     predicted: dict[str, float] | None = None
+    presets: list[str] = field(default_factory=list)
 
 
 def default_state_dir() -> Path:
@@ -104,27 +114,129 @@ def gguf_name(model_sha256: str, member_id: str) -> str:
 
 def candidates(view: ModelShape, model_sha256: str, dev: dict, layers: dict,
                vectors: Sequence[Sequence[float]], /, *, estimator: str = "exact",
-               accuracy: str = "kld", progress: Progress = no_progress) -> list[Candidate]:
+               accuracy: str = "kld", protect: Sequence[str] = (),
+               progress: Progress = no_progress) -> list[Candidate]:
     """Uniform models of the profile's types, then one TOPSIS plan per vector; identical
-    recipes merged into one candidate that remembers every vector that chose it."""
+    recipes merged into one candidate that remembers every vector that chose it. With
+    `protect` (e.g. attn_v, ffn_down), those tensors of every mix are one type gentler, and
+    each uniform type is also offered so protected (as llama.cpp's presets do)."""
     outside = dev["policy"]["outside_type"]
+    ladder = list(dev["types"])
     found: dict[str, Candidate] = {}
-    for name in dev["types"]:
+    extra: list[tuple[str, dict[str, str]]] = []
+    for name in ladder:
         recipe = tensor_recipe(view, [qtype(name)] * len(view.sublayers), outside=qtype(outside))
         m = dev["uniform"][name]["measured"]
         pid = member_plan(view, model_sha256, recipe, outside)["plan_id"]
         found[pid] = Candidate(pid, "uniform", name, outside, recipe, predicted={
             k: float(m[k]) for k in ("memory_bytes", "latency_ms", "ppl", "kld")})
+        if protect:
+            extra.append((f"{name} +{'+'.join(protect)}", protect_recipe(recipe, ladder, protect)))
     for k, w in enumerate(vectors):
         progress("planning", k / max(len(vectors), 1))
         plan = make_plan(view, model_sha256, dev, layers, w, estimator=estimator,
                          accuracy=accuracy)
-        pid = member_plan(view, model_sha256, plan["tensor_types"], outside)["plan_id"]
+        recipe = protect_recipe(plan["tensor_types"], ladder, protect)
+        pid = member_plan(view, model_sha256, recipe, outside)["plan_id"]
         if pid not in found:
-            found[pid] = Candidate(pid, "mix", distribution_text(plan["distribution"]), outside,
-                                   plan["tensor_types"], predicted=dict(plan["predicted"]))
+            label = distribution_text(plan["distribution"])
+            found[pid] = Candidate(pid, "mix", label + (f" +{'+'.join(protect)}" if protect
+                                                        else ""), outside, recipe,
+                                   predicted=None if protect else dict(plan["predicted"]))
         found[pid].weights.append(tuple(round(float(x), 6) for x in w))
+    for label, recipe in extra:
+        pid = member_plan(view, model_sha256, recipe, outside)["plan_id"]
+        found.setdefault(pid, Candidate(pid, "mix", label, outside, recipe))
     return list(found.values())
+
+
+def protect_recipe(recipe: Mapping[str, str], ladder: Sequence[str],
+                   parts: Sequence[str]) -> dict[str, str]:
+    """`recipe` with every sublayer tensor named `blk.N.PART.*` (PART in `parts`) one step
+    gentler on `ladder` (gentlest first); the gentlest type stays."""
+    rank = {n: i for i, n in enumerate(ladder)}
+    out = dict(recipe)
+    for name, t in recipe.items():
+        pieces = name.split(".")
+        if len(pieces) > 2 and pieces[0] == "blk" and pieces[2] in parts and rank.get(t, 0) > 0:
+            out[name] = ladder[rank[t] - 1]
+    return out
+
+
+def parse_protect(spec: str | None, view: ModelShape) -> tuple[str, ...]:
+    """`attn_v,ffn_down` -> ("attn_v", "ffn_down"), each naming tensors of the model."""
+    parts = tuple(p.strip() for p in (spec or "").split(",") if p.strip())
+    for p in parts:
+        if not any(t.name.split(".")[2:3] == [p] for s in view.sublayers for t in s.tensors):
+            raise InputError(f"--protect: no sublayer tensor blk.N.{p}.* in this model")
+    return parts
+
+
+def probe_preset(reference: Path, name: str, view: ModelShape, /, *, workspace: Workspace,
+                 model_sha256: str, threads: int = 0) -> dict:
+    """Quantize the F16 reference with preset `name` (llama.cpp's own mixing, no imatrix):
+    {"applies": True, "recipe": tensor -> type it got} or {"applies": False, "error": why}.
+    Cached: llama.cpp gives the same answer every time."""
+    ftype = preset_ftype(name)
+
+    def attempt() -> dict:
+        folder = workspace.model_dir(model_sha256)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".preset-") as tmp:
+            out = Path(tmp) / "preset.gguf"
+            try:
+                engine.quantize(reference, out, ftype=ftype, pure=False, threads=threads)
+            except EngineError as exc:
+                return {"applies": False, "error": str(exc)}
+            written = read_model(out).tensor_types()
+        recipe = {t.name: written[t.name] for t in view.tensors if t.quantizable}
+        try:
+            for type_name in recipe.values():
+                qtype(type_name)
+        except InputError as exc:
+            return {"applies": False, "error": f"cannot be replayed: {exc}"}
+        return {"applies": True, "recipe": recipe}
+
+    return cached_measurement(workspace, {
+        "preset": name.upper(), "ftype": ftype, "model": model_sha256,
+        "engine": engine.engine_version(), "apreqel_preset_probe": 1}, attempt)
+
+
+def add_presets(cands: Sequence[Candidate], probes: Mapping[str, dict], view: ModelShape,
+                model_sha256: str, base_type: str) -> list[Candidate]:
+    """The candidates plus every preset that applies: merged into a candidate with the same
+    recipe, else a new `preset` candidate whose recipe replays llama.cpp's mixing."""
+    found = {c.id: c for c in cands}
+    for name, probe in probes.items():
+        if not probe["applies"]:
+            continue
+        pid = member_plan(view, model_sha256, probe["recipe"], base_type)["plan_id"]
+        if pid not in found:
+            found[pid] = Candidate(pid, "preset", name, base_type, dict(probe["recipe"]))
+        found[pid].presets.append(name)
+        if found[pid].kind == "preset":
+            found[pid].label = "=".join(found[pid].presets)
+    return list(found.values())
+
+
+def compare_presets(members: Sequence[Member], presets: Sequence[tuple[str, str]],
+                    accuracy: str) -> list[PresetComparison]:
+    """Each (preset, member id) against the own members (mixes and uniform types): which
+    dominate it, else the closest one and its relative excess per objective."""
+    points = np.asarray([_objectives(m.measured, accuracy) for m in members])
+    index = {m.id: i for i, m in enumerate(members)}
+    own = [i for i, m in enumerate(members) if m.kind != "preset"]
+    gaps = dominance_gaps(points, [index[mid] for _, mid in presets], own)
+    names = ("footprint_bytes", "latency_ms", accuracy)
+    return [PresetComparison(name=name, ftype=preset_ftype(name), member=mid,
+                             dominated_by=[members[i].id for i in doms],
+                             closest=None if near is None else members[near].id,
+                             miss=dict(zip(names, map(_round6, miss), strict=False)))
+            for (name, mid), (doms, near, miss) in zip(presets, gaps, strict=True)]
+
+
+def _round6(x: float) -> float:
+    return round(x, 6)
 
 
 def _build(view: ModelShape, model_sha256: str, recipe: dict[str, str], base_type: str,
@@ -148,14 +260,15 @@ def _build(view: ModelShape, model_sha256: str, recipe: dict[str, str], base_typ
 
 def _interleaved_rounds(paths: dict[str, Path], /, *, workspace: Workspace, protocol: Protocol,
                         condition: str | None, run: str,
-                        progress: Progress) -> dict[str, list[float]]:
-    """ms/token samples per member over `protocol.reps` interleaved rounds; every sample is
-    cached (keyed by the member set, the round and the condition), so a resumed run re-times
-    nothing it already timed."""
+                        progress: Progress) -> dict[str, LatencyStats]:
+    """ms/token per member over `protocol.reps` interleaved rounds, each run watched for
+    contention (core.disturbance judges the rounds); every sample is cached (keyed by the
+    member set, the round, the run and the condition), so a resumed run re-times nothing."""
     shas = {k: workspace.sha256(p) for k, p in paths.items()}
     members = sorted(shas.values())
     names = list(paths)
     samples: dict[str, list[float]] = {k: [] for k in names}
+    windows: dict[str, list[Window]] = {k: [] for k in names}
     total = protocol.reps * len(names)
     for r in range(protocol.reps):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -168,13 +281,24 @@ def _interleaved_rounds(paths: dict[str, Path], /, *, workspace: Workspace, prot
             def once(name: str = name, r: int = r) -> dict:
                 with engine.open_session(paths[name], n_ctx=protocol.n_ctx,
                                          threads=protocol.threads,
-                                         gpu_layers=protocol.gpu_layers) as s:
+                                         gpu_layers=protocol.gpu_layers) as s, observe() as w:
                     t = engine.time_generation(s, n_gen=protocol.n_gen, reps=1, seed=r)
-                return {"ms_per_token": t.ms_per_token[0]}
+                return {"ms_per_token": t.ms_per_token[0], "window": asdict(w)}
 
-            samples[name].append(cached_measurement(workspace, key, once)["ms_per_token"])
+            got = cached_measurement(workspace, key, once)
+            samples[name].append(got["ms_per_token"])
+            windows[name].append(Window(**got.get("window", {"others_cpu_s": None})))
             progress(f"latency round {r + 1}/{protocol.reps}", (r * len(names) + k + 1) / total)
-    return samples
+    return {name: _latency(samples[name], windows[name], protocol.threads) for name in names}
+
+
+def _latency(samples: list[float], windows: list[Window], threads: int) -> LatencyStats:
+    """Robust statistics of one member's rounds with the disturbance detector's verdict."""
+    stolen = [stolen_share(w.others_cpu_s, w.wall_s, cores=w.cores, threads=threads)
+              for w in windows]
+    rec = latency_record(samples, stolen, combine(windows), threads=threads)
+    return LatencyStats(**latency_stats(samples), disturbed=rec["quality"] == DISTURBED,
+                        stolen=rec["stolen"], reason=rec["reason"])
 
 
 def _pareto(values: list[tuple[float, float, float]], ids: list[str]) -> list[list[str]]:
@@ -191,9 +315,11 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
                 estimator: str = "exact", accuracy: str = "kld",
                 calibration: str | None = None, calibration_tokens: int = 2048,
                 serving_ctx: int = 2048, state_dir: Path | None = None,
-                name: str | None = None, progress: Progress = no_progress) -> PlanSet:
-    """Plan every weight vector, build and measure each distinct plan once, keep the measured
-    Pareto set, and write `out_dir/planset.json` and `out_dir/recipes/`. Resumable."""
+                name: str | None = None, presets: str | None = "all",
+                protect: str | None = None, progress: Progress = no_progress) -> PlanSet:
+    """Plan every weight vector, add llama.cpp's presets that apply (`presets`: all, none or
+    a comma list), build and measure each distinct candidate once, keep the measured Pareto
+    set, and write `out_dir/planset.json` and `out_dir/recipes/`. Resumable."""
     started = time.time()
     out_dir = Path(out_dir)
     # Every input is checked before anything is measured.
@@ -209,6 +335,8 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
     view = read_model(source)
     order_types(view, resolve_types(types, view))
     qtype(outside)
+    preset_names = parse_presets(presets)
+    protected = parse_protect(protect, view)
     state_dir = Path(state_dir) if state_dir else workspace.root / "state"
     sha = workspace.sha256(source)
     steps = 6.0
@@ -223,9 +351,15 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
                            progress=stage(1, "layer profile"))
     t_evidence = time.time() - started
     cands = candidates(view, sha, dev, layers, vectors, estimator=estimator, accuracy=accuracy,
-                       progress=stage(2, f"{len(vectors)} weight vectors"))
-    t_planning = time.time() - started - t_evidence
+                       protect=protected, progress=stage(2, f"{len(vectors)} weight vectors"))
     reference = ensure_reference(source, workspace=workspace, protocol=protocol)
+    probes = {}
+    for k, n in enumerate(preset_names):
+        progress(f"presets: trying {n}", (2 + (k + 1) / len(preset_names)) / steps)
+        probes[n] = probe_preset(reference.path, n, view, workspace=workspace,
+                                 model_sha256=sha, threads=protocol.threads)
+    cands = add_presets(cands, probes, view, sha, dev["policy"]["outside_type"])
+    t_planning = time.time() - started - t_evidence
     paths: dict[str, Path] = {}
     measured: dict[str, dict] = {}
     for k, c in enumerate(cands):
@@ -255,7 +389,7 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
         measured[c.id] = {"file_sha256": file_sha, "file_bytes": dest.stat().st_size,
                           "parameter_bytes": read_model(dest).parameter_bytes,
                           "accuracy": acc, "footprint": foot}
-    samples = _interleaved_rounds(paths, workspace=workspace, protocol=protocol,
+    latency = _interleaved_rounds(paths, workspace=workspace, protocol=protocol,
                                   condition=None, run="default", progress=stage(4, "latency"))
     previous = _previous_conditions(out_dir)
     members = []
@@ -264,15 +398,17 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
         acc = m["accuracy"]
         metrics = Metrics(parameter_bytes=m["parameter_bytes"],
                           footprint_bytes=m["footprint"]["footprint_bytes"],
-                          latency=LatencyStats(**latency_stats(samples[c.id])),
+                          latency=latency[c.id],
                           ppl=acc["ppl"], ppl_se=acc["ppl_se"], kld=acc["kld"],
                           kld_se=acc["kld_se"], top1=acc.get("top1_agreement"))
         members.append(Member(id=c.id, kind=c.kind, label=c.label, base_type=c.base_type,
                               recipe=dict(sorted(c.recipe.items())),
+                              ftype=c.presets[0] if c.presets else None,
                               file_sha256=m["file_sha256"], file_bytes=m["file_bytes"],
                               weights=c.weights, predicted=c.predicted, measured=metrics,
                               conditions=previous.get(c.id, {}), pareto=True))
     members = with_front(members, accuracy)
+    of = {n: c.id for c in cands for n in c.presets}
     baseline = int(np.median([measured[c.id]["footprint"]["baseline_rss_bytes"]
                               for c in cands]))
     planset = PlanSet(
@@ -285,8 +421,12 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
             "latency_rounds": LATENCY_NOTE,
             "planning": {"types": dev["types"], "outside_type": dev["policy"]["outside_type"],
                          "estimator": estimator, "accuracy": accuracy,
+                         "protect": list(protected),
                          "vectors": len(vectors), "grid_step": None if weights_file else step,
                          "paper_configs": bool(paper and weights_file is None),
+                         "presets": {"asked": list(preset_names),
+                                     "rejected": {n: p["error"] for n, p in probes.items()
+                                                  if not p["applies"]}},
                          "weights_file": str(weights_file) if weights_file else None,
                          "layer_profile": {k: layers[k] for k in ("text", "token_range",
                                                                   "gamma")}},
@@ -296,7 +436,9 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
                         gpu_layers=protocol.gpu_layers, n_batch=min(serving_ctx, SERVING_BATCH),
                         baseline_rss_bytes=baseline),
         accuracy=accuracy, objectives=("footprint_bytes", "latency_ms", accuracy),
-        members=members, notes=[FOOTPRINT_DEFINITION, LATENCY_NOTE])
+        members=members, notes=[FOOTPRINT_DEFINITION, LATENCY_NOTE, PRESET_NOTE],
+        presets=compare_presets(members, [(n, of[n]) for n in preset_names if n in of],
+                                accuracy))
     write_planset(planset, out_dir)
     return planset
 
@@ -395,6 +537,44 @@ def record_condition(folder: Path, condition: str, /, *, workspace: Workspace,
     if not condition or not condition.replace("-", "").replace("_", "").isalnum():
         raise InputError(f"condition name must be letters, digits, '-' or '_', got '{condition}'")
     planset = load_planset(folder)
+    latency = _retimed_rounds(planset, workspace=workspace, state_dir=state_dir, source=source,
+                              reps=reps, condition=condition, run="default", progress=progress)
+    members = [m.model_copy(update={"conditions": dict(m.conditions) | {
+        condition: latency[m.id]}}) for m in planset.members]
+    updated = planset.model_copy(update={"members": members})
+    write_planset(updated, folder)
+    return updated
+
+
+def retime_planset(folder: Path, /, *, workspace: Workspace, state_dir: Path | None = None,
+           source: Path | None = None, reps: int | None = None,
+           progress: Progress = no_progress) -> PlanSet:
+    """Re-run the main latency column's interleaved rounds (nothing rebuilt or re-scored),
+    then recompute the front and the preset comparison. Resumable: an interrupted re-time
+    keeps its rounds for the next try."""
+    planset = load_planset(folder)
+    n = int(planset.protocol.get("retimed", 0)) + 1
+    latency = _retimed_rounds(planset, workspace=workspace, state_dir=state_dir, source=source,
+                              reps=reps, condition=None, run=f"retime-{n}", progress=progress)
+    members = with_front([m.model_copy(update={"measured": m.measured.model_copy(
+        update={"latency": latency[m.id]})}) for m in planset.members], planset.accuracy)
+    updated = planset.model_copy(update={
+        "members": members,
+        "presets": compare_presets(members, [(p.name, p.member) for p in planset.presets],
+                                   planset.accuracy),
+        "protocol": planset.protocol | {
+            "reps": reps or planset.protocol["reps"], "retimed": n,
+            "retimed_at": datetime.now(UTC).isoformat(timespec="seconds")}})
+    updated = PlanSet.model_validate(updated.model_dump())
+    write_planset(updated, folder)
+    return updated
+
+
+def _retimed_rounds(planset: PlanSet, /, *, workspace: Workspace, state_dir: Path | None,
+                    source: Path | None, reps: int | None, condition: str | None, run: str,
+                    progress: Progress) -> dict[str, LatencyStats]:
+    """Materialize every member, then time them all in interleaved rounds (the manifest's
+    protocol, `reps` rounds if given)."""
     p = planset.protocol
     protocol = Protocol(n_ctx=p["n_ctx"], chunks=p["chunks"], n_gen=p["n_gen"],
                         reps=reps or p["reps"], threads=p["threads"],
@@ -402,12 +582,7 @@ def record_condition(folder: Path, condition: str, /, *, workspace: Workspace,
     paths = materialize(planset, Path(state_dir) if state_dir else workspace.root / "state",
                         source=source, workspace=workspace,
                         progress=lambda w, f: progress(f"materialize: {w}", f / 4))
-    samples = _interleaved_rounds(paths, workspace=workspace, protocol=protocol,
-                                  condition=condition, run="default",
-                                  progress=lambda w, f: progress(w, 0.25 + 3 * f / 4))
-    members = [m.model_copy(update={"conditions": dict(m.conditions) | {
-        condition: LatencyStats(**latency_stats(samples[m.id]))}}) for m in planset.members]
-    updated = planset.model_copy(update={"members": members})
-    write_planset(updated, folder)
-    return updated
+    return _interleaved_rounds(paths, workspace=workspace, protocol=protocol,
+                               condition=condition, run=run,
+                               progress=lambda w, f: progress(w, 0.25 + 3 * f / 4))
 

@@ -19,7 +19,7 @@ from apreqeld.evidence.reference import Reference
 from apreqeld.evidence.workspace import Workspace
 from apreqeld.gguf.view import ModelView, file_sha256
 from apreqeld.manifest import PlanSet, load_planset, member_filename, parse_planset
-from conftest import PROTOCOL, TINY_TYPES, CliRunner
+from support import PROTOCOL, TINY_TYPES, CliRunner
 
 # Three types: with only two, every TOPSIS plan on this model is a uniform one.
 PLANSET_TYPES = "q4_0,q5_0,q8_0"
@@ -165,7 +165,8 @@ def tiny_planset(source_model: Path, workspace: Workspace, reference: Reference,
     def run() -> PlanSet:
         return P.run_planset(source_model, out, workspace=workspace, protocol=PROTOCOL,
                              types=PLANSET_TYPES, step=0.5, paper=False,
-                             calibration_tokens=256, serving_ctx=256, state_dir=state)
+                             calibration_tokens=256, serving_ctx=256, state_dir=state,
+                             presets="none")  # presets: tests/test_presets.py
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(P, "measure_file", accuracy)

@@ -21,9 +21,16 @@ def main(folder: str) -> None:
     mixes = [m for m in ps.members if m.kind == "mix"]
     uniform = [m for m in ps.members if m.kind == "uniform"]
     vectors = sum(len(m.weights) for m in ps.members)
+    presets = [m for m in ps.members if m.kind == "preset"]
     print(f"{ps.name}: {vectors} weight vectors -> {len(mixes)} distinct mixes "
-          f"(+{len(uniform)} uniform); front: {len(ps.pareto_members)} members "
-          f"({sum(m.pareto for m in mixes)} mixes, {sum(m.pareto for m in uniform)} uniform)")
+          f"(+{len(uniform)} uniform, +{len(presets)} llama.cpp presets); front: "
+          f"{len(ps.pareto_members)} members ({sum(m.pareto for m in mixes)} mixes, "
+          f"{sum(m.pareto for m in uniform)} uniform, {sum(m.pareto for m in presets)} presets; "
+          f"presets in detail: tools/bench_presets.py)")
+    disturbed = [m.id for m in ps.members if m.measured.latency.disturbed]
+    if disturbed:
+        print(f"latency disturbed for {len(disturbed)} of {len(ps.members)} members "
+              "(re-time with `apreqel planset -o FOLDER --retime`)")
     print(f"timing: {ps.protocol.get('timing_s')}")
     print(f"\n{'id':12} {'kind':7} {'label':26} {'foot':>6} {'param':>6} {'+MiB':>5} "
           f"{'ms med':>7} {'IQR':>5} {acc:>7} front  dominated by uniform?")

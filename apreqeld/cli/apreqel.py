@@ -554,6 +554,13 @@ def _render_study(result: dict) -> None:
                       f"{hv['hv_union']:.4f}", gain_text(hv, "gain"),
                       gain_text(hv, "gain_union"))
     out.print(table)
+    rows = [*result.get("uniform", []), *result.get("models", [])]
+    contended = [r["name"] for r in rows if r["measured"].get("latency_quality") == "disturbed"]
+    if contended:
+        err.print(f"[yellow]latency measured under contention for {len(contended)} of "
+                  f"{len(rows)} models ({', '.join(contended[:6])}"
+                  f"{', …' if len(contended) > 6 else ''}): their ms/token and the front "
+                  "are not trustworthy; re-run the study on a quiet machine[/]")
     rob = result.get("robustness") or {}
     if rob:
         names = {"memory_bytes": "memory (MiB)", "latency_ms": "latency (ms)"}
@@ -659,11 +666,27 @@ def planset_run(
         condition: Annotated[str | None, typer.Option(
             "--condition", help="re-time the existing members of -o under the machine's "
             "current condition (e.g. a power mode) and record it under this name")] = None,
+        presets: Annotated[str, typer.Option(
+            "--presets", help="llama.cpp presets measured as candidates too: 'all' (those "
+            "that quantize the model without an imatrix), 'none', or e.g. Q4_K_M,Q8_0")] = "all",
+        protect: Annotated[str | None, typer.Option(
+            "--protect", help="sublayer tensors one type gentler than the rest of their "
+            "sublayer in every mix, as llama.cpp's presets do, e.g. attn_v,ffn_down")] = None,
+        retime: Annotated[bool, typer.Option(
+            "--retime", help="re-time the main latency column of the existing plan set in -o "
+            "(interleaved rounds; nothing rebuilt or re-scored) and recompute the "
+            "front")] = False,
         state_dir: StateDir = None, workdir: Workdir = None) -> None:
     """Plan a weight grid, build and measure each distinct plan, keep the measured front."""
-    from apreqeld.planset import record_condition, run_planset
+    from apreqeld.planset import record_condition, retime_planset, run_planset
 
     workspace = Workspace(workdir)
+    if retime:
+        with progress_bar("retime") as bar:
+            result = retime_planset(output, workspace=workspace, state_dir=state_dir,
+                                    source=model, reps=reps, progress=bar)
+        _render_planset(result)
+        return
     if condition is not None:
         with progress_bar(f"condition {condition}") as bar:
             result = record_condition(output, condition, workspace=workspace,
@@ -679,7 +702,8 @@ def planset_run(
                              accuracy=accuracy,
                              calibration=str(calibration) if calibration else None,
                              calibration_tokens=calibration_tokens, serving_ctx=serving_ctx,
-                             state_dir=state_dir, progress=bar)
+                             state_dir=state_dir, presets=presets, protect=protect,
+                             progress=bar)
     _render_planset(result)
     out.print(f"{len(result.members)} members ({len(result.pareto_members)} on the measured "
               f"front) written to {output}/ ({time.time() - started:.0f} s)")
@@ -714,13 +738,31 @@ def _render_planset(planset: object, *, condition: str | None = None) -> None:
                         f"{planset.serving.n_ctx}, front over footprint, ms/token, {acc}")
     for m in sorted(planset.members, key=lambda m: m.measured.footprint_bytes):
         x = m.measured
-        extra = [f"{m.conditions[condition].median_ms:.2f} ± {m.conditions[condition].iqr_ms:.2f}"
-                 ] if condition else []
+        extra = [_ms(m.conditions[condition])] if condition else []
         table.add_row(m.id, m.kind, m.label, _mib(x.footprint_bytes), _mib(x.parameter_bytes),
-                      f"{x.latency.median_ms:.2f} ± {x.latency.iqr_ms:.2f}", *extra,
+                      _ms(x.latency), *extra,
                       f"{x.kld:.4f} ± {x.kld_se:.4f}", f"{x.ppl:.3f} ± {x.ppl_se:.3f}",
                       "✓" if m.pareto else f"× {len(m.dominated_by)}")
     out.print(table)
+    bad = [m for m in planset.members if m.measured.latency.disturbed]
+    if bad:
+        out.print(f"! latency disturbed (marked !) for {len(bad)} of {len(planset.members)} "
+                  f"members, e.g. {bad[0].id}: {bad[0].measured.latency.reason}; re-time on a "
+                  "quiet machine with --retime")
+    if planset.presets:
+        beaten = sum(bool(p.dominated_by) for p in planset.presets)
+        out.print(f"presets dominated by a mix or uniform member: {beaten} of "
+                  f"{len(planset.presets)}")
+        for p in planset.presets:
+            if not p.dominated_by:
+                gaps = ", ".join(f"{k} {100 * v:+.1f}%" for k, v in p.miss.items())
+                out.print(f"  {p.name} ({p.member}): not dominated; closest {p.closest}: {gaps}")
+
+
+def _ms(stats: object) -> str:
+    """median ± IQR, marked ! when the disturbance detector flagged the rounds."""
+    mark = " !" if stats.disturbed else ""
+    return f"{stats.median_ms:.2f} ± {stats.iqr_ms:.2f}{mark}"
 
 
 def main() -> None:  # pragma: no cover - entry point

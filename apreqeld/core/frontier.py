@@ -44,3 +44,24 @@ def dominated_by(points: np.ndarray, /) -> list[list[int]]:
     better = np.any(p[:, None, :] < p[None, :, :], axis=2)
     dominates = no_worse & better
     return [np.flatnonzero(dominates[:, b]).tolist() for b in range(p.shape[0])]
+
+
+def dominance_gaps(points: np.ndarray, targets: Sequence[int], others: Sequence[int],
+                   /) -> list[tuple[list[int], int | None, list[float]]]:
+    """For each target row: the rows of `others` (itself excluded) that dominate it, the one
+    closest to dominating it (smallest worst relative excess), and that row's relative excess
+    `(other - target) / |target|` per objective (<= 0 everywhere when it dominates)."""
+    p = np.asarray(points, dtype=np.float64)
+    doms = dominated_by(p)
+    out = []
+    for t in targets:
+        pool = [o for o in others if o != t]
+        if not pool:
+            out.append(([], None, []))
+            continue
+        scale = np.where(np.abs(p[t]) > 0, np.abs(p[t]), 1.0)
+        excess = (p[pool] - p[t]) / scale
+        best = int(np.argmin(excess.max(axis=1)))  # first of equals: stable
+        out.append(([o for o in doms[t] if o in pool], pool[best],
+                    [float(x) for x in excess[best]]))
+    return out

@@ -33,8 +33,14 @@ FTYPE_IDS: dict[str, int] = {
     "MOSTLY_Q5_0": 8, "MOSTLY_Q5_1": 9, "MOSTLY_Q2_K": 10, "MOSTLY_Q3_K_S": 11,
     "MOSTLY_Q3_K_M": 12, "MOSTLY_Q3_K_L": 13, "MOSTLY_Q4_K_S": 14, "MOSTLY_Q4_K_M": 15,
     "MOSTLY_Q5_K_S": 16, "MOSTLY_Q5_K_M": 17, "MOSTLY_Q6_K": 18, "MOSTLY_IQ4_NL": 25,
-    "MOSTLY_IQ4_XS": 30, "MOSTLY_BF16": 32, "GUESSED": 1024,
+    "MOSTLY_IQ2_XXS": 19, "MOSTLY_IQ4_XS": 30, "MOSTLY_BF16": 32, "GUESSED": 1024,
 }
+# llama.cpp's presets (llama-quantize's file-type names) a user would pick that need no
+# importance matrix; whether one applies to a model is found by trying it.
+PRESETS: tuple[str, ...] = (
+    "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0",
+    "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS",
+)
 
 
 @dataclass(frozen=True)
@@ -146,3 +152,26 @@ _NOT_QUANTIZED = re.compile(r"_norm\.weight$|ffn_gate_inp\.weight$|altup|laurel|
 def quantizable(name: str, n_dims: int) -> bool:
     """Whether llama.cpp's quantizer touches this tensor (tensor_allows_quantization)."""
     return n_dims >= 2 and name.endswith("weight") and _NOT_QUANTIZED.search(name) is None
+
+
+def preset_ftype(name: str) -> int:
+    """The llama_ftype id of a preset name such as `Q4_K_M` (case-insensitive)."""
+    key = f"MOSTLY_{name.strip().upper()}"
+    if key not in FTYPE_IDS or key in ("MOSTLY_F16", "MOSTLY_BF16"):
+        raise InputError(f"unknown llama.cpp preset '{name}' (known: {', '.join(PRESETS)})")
+    return FTYPE_IDS[key]
+
+
+def parse_presets(spec: str | None) -> tuple[str, ...]:
+    """`all` (or None): every preset of PRESETS; `none`: no preset; else a comma list."""
+    text = "all" if spec is None else spec.strip()
+    if text.lower() == "all":
+        return PRESETS
+    if text.lower() in ("none", ""):
+        return ()
+    names = [n.strip().upper() for n in text.split(",") if n.strip()]
+    for n in names:
+        preset_ftype(n)
+    if len(set(names)) != len(names):
+        raise InputError(f"a preset is listed twice in '{spec}'")
+    return tuple(names)

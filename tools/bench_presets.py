@@ -1,0 +1,58 @@
+"""Read a plan set and print issue 13's table: every llama.cpp preset it measured (memory as
+footprint and parameter bytes, ms/token, KLD, PPL), the member that dominates it (all three
+objectives, the same run's interleaved latency) or none and by how much the closest misses,
+and how many presets are dominated (goal: all).
+
+    .venv/bin/python tools/bench_presets.py [plans/smollm2-135m]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from apreqeld.manifest import load_planset
+
+MIB = 2**20
+
+
+def main(folder: str) -> None:
+    ps = load_planset(folder)
+    if not ps.presets:
+        print(f"{ps.name}: no preset comparison in this plan set (made without presets?); "
+              "rebuild it with `apreqel planset ... --presets all`")
+        return
+    by_id = {m.id: m for m in ps.members}
+    rejected = ps.protocol.get("planning", {}).get("presets", {}).get("rejected", {})
+    print(f"{ps.name}: {len(ps.presets)} presets measured with {len(ps.members)} members; "
+          f"front over footprint, ms/token (median), {ps.accuracy}"
+          + (f"; not applicable: {', '.join(rejected)}" if rejected else ""))
+    print(f"\n{'preset':8} {'member':12} {'foot':>6} {'param':>6} {'ms/tok':>7} {'KLD':>7} "
+          f"{'PPL':>8}  dominated by (or closest: miss per objective)")
+    beaten = covered = 0
+    for p in ps.presets:
+        m = by_id[p.member]
+        x = m.measured
+        flag = "!" if x.latency.disturbed else " "
+        if p.dominated_by:
+            beaten += 1
+            best = by_id[p.dominated_by[0]]
+            what = (f"{best.id} {best.kind} {best.label[:28]}"
+                    + (f" (+{len(p.dominated_by) - 1} more)" if len(p.dominated_by) > 1 else ""))
+        else:
+            gaps = " ".join(f"{k.split('_')[0]} {100 * v:+.1f}%" for k, v in p.miss.items())
+            own = " (itself a " + m.kind + " member)" if m.kind != "preset" else ""
+            covered += m.kind != "preset"
+            what = f"none{own}; closest {p.closest}: {gaps}"
+        print(f"{p.name:8} {m.id:12} {x.footprint_bytes / MIB:6.1f} "
+              f"{x.parameter_bytes / MIB:6.1f} {x.latency.median_ms:6.2f}{flag} {x.kld:7.4f} "
+              f"{x.ppl:8.3f}  {what}")
+    disturbed = sum(m.measured.latency.disturbed for m in ps.members)
+    print(f"\npresets dominated by a mix or uniform member: {beaten} of {len(ps.presets)} "
+          f"(goal: all); undominated but identical to a uniform member: {covered}")
+    if disturbed:
+        print(f"! latency disturbed for {disturbed} of {len(ps.members)} members: re-time on a "
+              "quiet machine with `apreqel planset -o FOLDER --retime`")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "plans/smollm2-135m")
