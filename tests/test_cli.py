@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from apreqeld.evidence.reference import Reference
-from conftest import CALIBRATION_TOKENS, CLI_PROTOCOL_ARGS, THREADS, BuiltPlan, CliResult, CliRunner
+from support import CALIBRATION_TOKENS, CLI_PROTOCOL_ARGS, THREADS, BuiltPlan, CliResult, CliRunner
 
 CAL = ("--calibration-tokens", str(CALIBRATION_TOKENS))
 

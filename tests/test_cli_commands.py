@@ -14,7 +14,7 @@ from apreqeld.errors import PlanError
 from apreqeld.evidence.protocol import Protocol
 from apreqeld.evidence.workspace import Workspace
 from apreqeld.gguf.view import read_model
-from conftest import (
+from support import (
     CALIBRATION_TOKENS,
     CLI_PROTOCOL_ARGS,
     PROTOCOL,

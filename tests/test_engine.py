@@ -18,7 +18,7 @@ from apreqeld.evidence.reference import Reference
 from apreqeld.evidence.workspace import Workspace
 from apreqeld.gguf.view import ModelView
 from apreqeld.resources import evaluation_text
-from conftest import THREADS, TINY_BLOCK, uniform_path, write_tiny_gguf
+from support import THREADS, TINY_BLOCK, uniform_path, write_tiny_gguf
 
 # --------------------------------------------------------------------------- pure helpers
 

@@ -27,7 +27,7 @@ from apreqeld.evidence.protocol import Protocol
 from apreqeld.evidence.reference import Reference
 from apreqeld.evidence.workspace import Workspace, cached_measurement, measurement_key
 from apreqeld.gguf.view import ModelView
-from conftest import CLI_PROTOCOL_ARGS, PROTOCOL, TINY_TYPES, CliRunner, uniform_path
+from support import CLI_PROTOCOL_ARGS, PROTOCOL, TINY_TYPES, CliRunner, uniform_path
 
 pytestmark = pytest.mark.timeout(300)
 # Long enough runs (tg16) that /proc/stat's 10 ms ticks resolve the hog's share.

@@ -22,7 +22,7 @@ from apreqeld.evidence.reference import Reference
 from apreqeld.evidence.workspace import Workspace
 from apreqeld.gguf.view import ModelView
 from apreqeld.resources import evaluation_text
-from conftest import (
+from support import (
     INTERRUPTED_ON,
     PROTOCOL,
     THREADS,

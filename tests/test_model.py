@@ -10,7 +10,7 @@ import pytest
 
 from apreqeld.errors import InputError, ModelError
 from apreqeld.gguf.view import ModelView, check_gguf_path, file_sha256, read_model
-from conftest import TINY_BLOCK, write_tiny_gguf
+from support import TINY_BLOCK, write_tiny_gguf
 
 # --------------------------------------------------------------------------- the default model
 

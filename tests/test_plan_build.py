@@ -24,7 +24,7 @@ from apreqeld.errors import InputError, PlanError
 from apreqeld.evidence.reference import Reference
 from apreqeld.evidence.workspace import Workspace
 from apreqeld.gguf.view import ModelView, read_model
-from conftest import MIXED_WEIGHTS, THREADS, BuiltPlan, CliRunner
+from support import MIXED_WEIGHTS, THREADS, BuiltPlan, CliRunner
 
 # --------------------------------------------------------------------------- recipes (pure)
 

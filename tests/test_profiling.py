@@ -13,7 +13,7 @@ from apreqeld.evidence.reference import Reference
 from apreqeld.evidence.workspace import Workspace
 from apreqeld.gguf.view import ModelView, read_model
 from apreqeld.resources import calibration_text
-from conftest import CALIBRATION_TOKENS, THREADS
+from support import CALIBRATION_TOKENS, THREADS
 
 # --------------------------------------------------------------------------- on the real model
 

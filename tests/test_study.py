@@ -17,7 +17,7 @@ from apreqeld.evidence.workspace import Workspace
 from apreqeld.resources import default_model_path
 from apreqeld.study import run as study_module
 from apreqeld.workflow import PlanOptions
-from conftest import THREADS
+from support import THREADS
 
 pytestmark = pytest.mark.integration
 
@@ -85,6 +85,10 @@ def test_study_outputs(workspace: Workspace, tmp_path: Path) -> None:
     for model in saved["models"]:
         assert model["measured"]["memory_bytes"] > 0
         assert sum(model["distribution"].values()) == 60
+    for row in saved["uniform"] + saved["models"]:  # every re-timed figure says how clean it is
+        m = row["measured"]
+        assert m["latency_quality"] in ("clean", "disturbed")
+        assert m["latency_median_ms"] > 0 and m["latency_iqr_ms"] >= 0
     for key in ("ppl", "kld", "ppl+margin", "kld+margin"):
         hv = saved["hypervolume"][key]
         objs = hv["objectives"]

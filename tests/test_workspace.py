@@ -17,7 +17,7 @@ from apreqeld.evidence import protocol as protocol_module
 from apreqeld.evidence.protocol import Protocol
 from apreqeld.evidence.workspace import Workspace, measurement_key
 from apreqeld.storage import process_umask, write_json_atomic
-from conftest import CliRunner
+from support import CliRunner
 
 
 def test_atomic_write_never_changes_the_process_umask(tmp_path: Path,

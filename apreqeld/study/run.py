@@ -20,7 +20,7 @@ from apreqeld.core.metrics import LATENCY, MEMORY
 from apreqeld.core.pareto import compare_sets, nondominated
 from apreqeld.core.plans import canonical_sha256, make_plan
 from apreqeld.core.qtypes import qtype
-from apreqeld.evidence.measurement import interleaved_latency, measure_file, uniform_gguf
+from apreqeld.evidence.measurement import interleaved_rounds, measure_file, uniform_gguf
 from apreqeld.evidence.protocol import Progress, Protocol, machine_fingerprint, no_progress
 from apreqeld.evidence.reference import ensure_reference, reference_caveat
 from apreqeld.evidence.workspace import Workspace, cached_measurement, measurement_key
@@ -133,26 +133,29 @@ def _interleave_latency(dev: dict, models: list[dict], out_dir: Path, /, *,
                             "machine": machine_fingerprint()})[:16]
     cache = out_dir / f"latency-rounds-{key}.json"
     if cache.exists():
-        timing = {k: tuple(v) for k, v in json.loads(cache.read_text()).items()}
+        rounds = json.loads(cache.read_text())
     else:
         outside = qtype(dev["policy"]["outside_type"])
         uniform = {f"uniform:{t}": uniform_gguf(reference, qtype(t), outside=outside,
                                                 workspace=workspace, threads=protocol.threads)
                    for t in dev["types"]}
         try:
-            timing = interleaved_latency(uniform | {m["plan_id"]: out_dir / m["gguf"]
-                                                    for m in models},
-                                         protocol=protocol, progress=progress)
+            rounds = interleaved_rounds(uniform | {m["plan_id"]: out_dir / m["gguf"]
+                                                   for m in models},
+                                        protocol=protocol, progress=progress)
         finally:
             for path in uniform.values():
                 path.unlink(missing_ok=True)
-        write_json_atomic(cache, timing)
+        write_json_atomic(cache, rounds)
 
     def update(measured: dict, name: str) -> dict:
-        mean, std = timing[name]
+        r = rounds[name]
         return measured | {"latency_isolated_ms": measured["latency_ms"],
                            "latency_isolated_std_ms": measured["latency_std_ms"],
-                           "latency_ms": mean, "latency_std_ms": std}
+                           "latency_ms": r["mean_ms"], "latency_std_ms": r["std_ms"],
+                           "latency_median_ms": r["median_ms"], "latency_iqr_ms": r["iqr_ms"],
+                           "latency_quality": r["quality"],
+                           "latency_reason": r["reason"]}
 
     for t in dev["types"]:
         entry = dev["uniform"][t]

@@ -19,7 +19,7 @@ import pytest
 from apreqeld.client import Client
 from apreqeld.errors import DaemonError
 from apreqeld.runtime.access import CONTROL, INFERENCE, Access, Peer
-from conftest import start_daemon
+from daemon_support import start_daemon
 
 pytestmark = pytest.mark.integration
 NOBODY = 65534

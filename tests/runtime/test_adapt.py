@@ -15,7 +15,7 @@ import pytest
 
 from apreqeld.client import Client
 from apreqeld.errors import DaemonError
-from conftest import REPO, ctl
+from daemon_support import REPO, ctl
 
 pytestmark = pytest.mark.integration
 MIB = 1024**2

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, RunningDaemon, ctl, start_daemon
+from daemon_support import REPO, RunningDaemon, ctl, start_daemon
 
 pytestmark = pytest.mark.integration
 

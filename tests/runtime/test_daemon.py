@@ -228,7 +228,7 @@ def test_sigterm_finishes_in_flight_work_and_cleans_up(daemon_factory) -> None:
 
 @pytest.mark.timeout(120)
 def test_a_full_queue_answers_busy_at_once(daemon_factory) -> None:
-    from conftest import ctl
+    from daemon_support import ctl
 
     d = daemon_factory("--priority", "memory", "--queue", "1", "--ctx", "1024")
     with Client(d.socket, timeout=60) as a, Client(d.socket, timeout=60) as b:

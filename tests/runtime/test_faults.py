@@ -15,12 +15,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_daemon import Events, Load
 
 from apreqeld.client import Client
 from apreqeld.errors import DaemonError
 from apreqeld.manifest import member_filename
-from conftest import REPO, start_daemon
+from daemon_support import REPO, start_daemon
+from test_daemon import Events, Load
 
 pytestmark = pytest.mark.integration
 

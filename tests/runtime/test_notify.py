@@ -14,7 +14,7 @@ import pytest
 
 from apreqeld.client import Client
 from apreqeld.runtime import notify
-from conftest import REPO, THREADS, RunningDaemon, start_daemon, wait_serving
+from daemon_support import REPO, THREADS, RunningDaemon, start_daemon, wait_serving
 
 
 @pytest.fixture
