@@ -222,6 +222,15 @@ def test_materialize_reproduces_every_sha256(tiny_planset: dict, workspace: Work
     assert again == paths
 
 
+def test_materialize_front_builds_only_the_front(tiny_planset: dict, run_cli: CliRunner,
+                                                 tmp_path: Path) -> None:
+    planset, out = tiny_planset["planset"], tiny_planset["out"]
+    done = run_cli("planset", "materialize", out, "--front", "--state-dir", tmp_path / "front")
+    assert done.returncode == 0, done.stderr
+    built = sorted(p.name for p in (tmp_path / "front").glob("*.gguf"))
+    assert built == sorted(member_filename(planset, m) for m in planset.pareto_members)
+
+
 def test_materialize_refuses_a_wrong_sha256(tiny_planset: dict, workspace: Workspace,
                                             tmp_path: Path) -> None:
     planset = tiny_planset["planset"]

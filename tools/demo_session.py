@@ -72,7 +72,7 @@ def main() -> None:
     print(f"plan set {planset.name}: {len(planset.members)} members of {planset.model.name}, "
           f"measured on {planset.device.get('cpu', 'an unnamed device')}")
 
-    run(str(BIN / "apreqel"), "planset", "materialize", str(args.plans),
+    run(str(BIN / "apreqel"), "planset", "materialize", str(args.plans), "--front",
         "--state-dir", str(state))
 
     tmp = Path(tempfile.mkdtemp(prefix="apreqeld-demo-"))

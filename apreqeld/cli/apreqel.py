@@ -717,6 +717,9 @@ def planset_materialize(
         model: Annotated[Path | None, typer.Option(
             "--model", help="the source model (default: the default model when its sha256 "
             "matches the manifest)")] = None,
+        front: Annotated[bool, typer.Option(
+            "--front", help="only the members on the measured front (the ones the daemon "
+            "serves)")] = False,
         workdir: Workdir = None) -> None:
     """Rebuild every member's GGUF from its recipe and check its sha256 against the manifest."""
     from apreqeld.manifest import load_planset
@@ -725,8 +728,10 @@ def planset_materialize(
     planset = load_planset(folder)
     workspace = Workspace(workdir)
     target = state_dir or workspace.root / "state"
+    members = planset.pareto_members if front else None
     with progress_bar("materialize") as bar:
-        paths = materialize(planset, target, source=model, workspace=workspace, progress=bar)
+        paths = materialize(planset, target, members=members, source=model,
+                            workspace=workspace, progress=bar)
     out.print(f"{len(paths)} members in {target}, every sha256 matches the manifest")
 
 
