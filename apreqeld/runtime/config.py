@@ -30,7 +30,7 @@ def default_socket() -> Path:
 
 def default_state_dir() -> Path:
     """Where member GGUFs are kept: under $APREQEL_HOME (or ~/.cache/apreqel)."""
-    return default_workdir() / "daemon-state"
+    return default_workdir() / "state"  # where `apreqel planset materialize` builds too
 
 
 class DaemonConfig(BaseModel):
