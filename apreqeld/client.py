@@ -111,8 +111,11 @@ class Client:
         """Decoded messages: those already buffered first, then what arrives."""
         while True:
             yield from self._unpacker
+            sock = self._sock
+            if sock is None:  # closed here, e.g. by another thread
+                raise DaemonError("the connection is closed", code=NOT_RUNNING)
             try:
-                data = self._sock.recv(65536)
+                data = sock.recv(65536)
             except TimeoutError:
                 raise DaemonError("the daemon did not answer in time", code="timeout") from None
             except OSError as exc:
