@@ -382,7 +382,7 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
         foot = cached_measurement(
             workspace, {"footprint": file_sha, "n_ctx": serving_ctx, "threads": protocol.threads,
                         "gpu_layers": protocol.gpu_layers, "engine": engine.engine_version(),
-                        "apreqel_footprint": 1},
+                        "apreqel_footprint": 2},
             lambda dest=dest: measure_footprint(dest, n_ctx=serving_ctx,
                                                 threads=protocol.threads,
                                                 gpu_layers=protocol.gpu_layers))

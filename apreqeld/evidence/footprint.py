@@ -9,13 +9,16 @@ generated token (the warm-up), and records the resident set again. It prints one
 
 footprint = rss_loaded - rss_baseline: anonymous memory (KV cache, which llama.cpp zeroes at
 creation, compute buffers as far as a full batch touches them, weights repacked for the CPU)
-plus the model file's pages that the warm-up mapped in (every weight a decode reads; of the
-token embedding only the rows read, unless the output layer shares it).
+plus the model file's pages that a decode maps in (every weight a decode reads; of the token
+embedding only the rows read, unless the output layer shares it). The load also reads the file
+pages of weights it repacks; they are dropped from the page tables (madvise) before the second
+warm-up, so they are not counted: they are clean page cache the kernel reclaims first.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import subprocess
 import sys
@@ -28,12 +31,15 @@ from apreqeld import engine
 from apreqeld.errors import EngineError
 
 SERVING_BATCH = 512
+MADV_DONTNEED = 4  # linux/mman.h
 DEFINITION = (
     "footprint = resident set (RSS) of a child process after loading the GGUF (mmap), creating "
-    "a context of the serving length with a batch of min(ctx, 512), and decoding one full batch "
-    "plus one token, minus the same process's RSS before loading (interpreter and llama.cpp "
-    "only; recorded as baseline_rss_bytes). It counts the KV cache, the compute buffers as "
-    "touched, repacked weights, and the mapped file pages the warm-up read.")
+    "a context of the serving length with a batch of min(ctx, 512), decoding one full batch "
+    "plus one token, dropping the file's pages from its page tables (madvise DONTNEED) and "
+    "decoding the same again, minus the same process's RSS before loading (interpreter and "
+    "llama.cpp only; recorded as baseline_rss_bytes). It counts the KV cache, the compute "
+    "buffers as touched, weights llama.cpp repacked for the CPU, and the file pages a decode "
+    "reads; not the file pages only the load read (those of repacked weights).")
 
 
 def _memory() -> dict[str, int]:
@@ -60,15 +66,42 @@ def measure_here(path: Path, /, *, n_ctx: int, threads: int, gpu_layers: int = 0
         prompt = rng.integers(0, s.n_vocab, size=n_prompt, dtype=np.int32)
         outputs = np.zeros(n_prompt, dtype=np.int8)
         outputs[-1] = 1
-        s.decode(prompt, outputs=outputs)
-        s.decode(prompt[:1], start_pos=n_prompt)
-        s.synchronize()
+
+        def warm_up() -> None:
+            s.clear()
+            s.decode(prompt, outputs=outputs)
+            s.decode(prompt[:1], start_pos=n_prompt)
+            s.synchronize()
+
+        warm_up()
+        after_load = _memory()
+        dropped = _drop_mapped_pages(path)  # what loading read but decoding does not need
+        warm_up()  # faults back in exactly the file pages a decode reads
         loaded = _memory()
     return {"footprint_bytes": loaded["rss"] - baseline["rss"], "rss_loaded_bytes": loaded["rss"],
             "baseline_rss_bytes": baseline["rss"],
+            "rss_after_load_bytes": after_load["rss"], "mapped_bytes_dropped": dropped,
             "rss_anon_bytes": loaded.get("rssanon"), "rss_file_bytes": loaded.get("rssfile"),
             "peak_rss_bytes": loaded.get("vmhwm"), "n_ctx": n_ctx, "n_batch": n_batch,
             "threads": threads, "gpu_layers": gpu_layers}
+
+
+def _drop_mapped_pages(path: Path) -> int:
+    """Unmap from this process's page tables every resident page of `path`'s mmap (they stay in
+    the page cache), so that a following decode maps in only the pages it reads; returns the
+    bytes of the mappings advised. Weights llama.cpp repacked into its own buffers at load are
+    read once from the file and never again: their file pages are not part of the footprint."""
+    target = str(Path(path).resolve())
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    dropped = 0
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] == target:
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            if libc.madvise(start, end - start, MADV_DONTNEED) == 0:
+                dropped += end - start
+    return dropped
 
 
 def measure_footprint(path: Path, /, *, n_ctx: int, threads: int, gpu_layers: int = 0,
