@@ -20,10 +20,16 @@ from apreqeld.build import build_gguf
 from apreqeld.core.configs import PAPER_CONFIGS, parse_configs
 from apreqeld.core.disturbance import DISTURBED, latency_record, stolen_share
 from apreqeld.core.frontier import dominance_gaps, dominated_by, simplex_grid, unique_vectors
-from apreqeld.core.metrics import latency_stats
+from apreqeld.core.metrics import METRICS, latency_stats
 from apreqeld.core.plans import ACCURACY_METRICS, ESTIMATORS, distribution_text, make_plan, plan_id
 from apreqeld.core.qtypes import parse_presets, preset_ftype, qtype
-from apreqeld.core.recipes import ModelShape, expected_types, llama_quantize_recipe, tensor_recipe
+from apreqeld.core.recipes import (
+    ModelShape,
+    expected_types,
+    llama_quantize_recipe,
+    recipe_prediction,
+    tensor_recipe,
+)
 from apreqeld.errors import EngineError, InputError, PlanError
 from apreqeld.evidence.conditions import Window, combine, observe
 from apreqeld.evidence.footprint import DEFINITION as FOOTPRINT_DEFINITION
@@ -142,12 +148,23 @@ def candidates(view: ModelShape, model_sha256: str, dev: dict, layers: dict,
             label = distribution_text(plan["distribution"])
             found[pid] = Candidate(pid, "mix", label + (f" +{'+'.join(protect)}" if protect
                                                         else ""), outside, recipe,
-                                   predicted=None if protect else dict(plan["predicted"]))
+                                   predicted=_predicted(view, recipe, dev, plan, protect))
         found[pid].weights.append(tuple(round(float(x), 6) for x in w))
     for label, recipe in extra:
         pid = member_plan(view, model_sha256, recipe, outside)["plan_id"]
-        found.setdefault(pid, Candidate(pid, "mix", label, outside, recipe))
+        found.setdefault(pid, Candidate(pid, "mix", label, outside, recipe,
+                                        predicted=_predicted(view, recipe, dev, None, protect)))
     return list(found.values())
+
+
+def _predicted(view: ModelShape, recipe: dict[str, str], dev: dict, plan: dict | None,
+               protect: Sequence[str]) -> dict[str, float]:
+    """The plan's own prediction, or, for a recipe `protect` changed, the per-tensor one."""
+    if plan is not None and not protect:
+        return dict(plan["predicted"])
+    uniform = {n: {k: float(dev["uniform"][n]["measured"][k]) for k in METRICS}
+               for n in dev["types"]}
+    return recipe_prediction(view, recipe, uniform)
 
 
 def protect_recipe(recipe: Mapping[str, str], ladder: Sequence[str],

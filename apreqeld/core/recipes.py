@@ -59,3 +59,24 @@ def llama_quantize_recipe(recipe: Mapping[str, str], /) -> str:
     """
     return "".join(f"^{re.escape(name).lower()}$={qtype_name}\n"
                    for name, qtype_name in sorted(recipe.items()))
+
+
+def recipe_prediction(view: ModelShape, recipe: Mapping[str, str],
+                      uniform: Mapping[str, Mapping[str, float]], /) -> dict[str, float]:
+    """Predicted metrics of any per-tensor recipe: memory exactly (the bytes each tensor really
+    gets), the rest by the paper's proportional estimate taken per tensor: each sublayer counts
+    1/L, split over its tensors by their share of its weights, each at its type's uniform
+    figure. For a recipe with one type per sublayer this is the paper's formula."""
+    memory = sum(t.bytes_as(qtype(recipe[t.name])) if t.quantizable else t.n_bytes
+                 for t in view.tensors)
+    predicted = {"memory_bytes": float(memory)}
+    metrics = {k for m in uniform.values() for k in m} - {"memory_bytes"}
+    for metric in sorted(metrics):
+        total = 0.0
+        for s in view.sublayers:
+            weights = [t for t in s.tensors if t.quantizable]
+            n = sum(t.n_elements for t in weights)
+            total += sum(t.n_elements / n * float(uniform[recipe[t.name]][metric])
+                         for t in weights) / len(view.sublayers)
+        predicted[metric] = total
+    return predicted
