@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 
 from apreqeld import engine
@@ -43,12 +44,12 @@ def _spin(until: float) -> None:
 @contextmanager
 def cpu_hog(seconds: float = 60.0) -> Iterator[None]:
     """One busy loop per core, each ending by itself after `seconds`; stopped on exit."""
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("fork")  # nothing to import: the loop runs at once
     procs = [ctx.Process(target=_spin, args=(time.monotonic() + seconds,), daemon=True)
              for _ in range(os.cpu_count() or 1)]
     for p in procs:
         p.start()
-    time.sleep(0.3)  # let them reach their loops
+    _wait_spinning(procs)
     try:
         yield
     finally:
@@ -56,6 +57,20 @@ def cpu_hog(seconds: float = 60.0) -> Iterator[None]:
             p.terminate()
         for p in procs:
             p.join(5)
+
+
+def _wait_spinning(procs: list, *, cpu_s: float = 0.3, timeout_s: float = 20.0) -> None:
+    """Return once every hog has burnt `cpu_s` of CPU (it is really spinning), else fail."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        burnt = [psutil.Process(p.pid).cpu_times().user if p.is_alive() else -1.0 for p in procs]
+        if min(burnt) < 0:
+            pytest.fail(f"a CPU hog died before the measurement (exit codes "
+                        f"{[p.exitcode for p in procs]})")
+        if min(burnt) >= cpu_s:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"the CPU hogs did not start spinning within {timeout_s:.0f} s")
 
 
 @pytest.fixture(scope="module")
