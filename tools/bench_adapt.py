@@ -19,7 +19,6 @@ the monitor's CPU; and the procfs monitor's own cost per reading on this machine
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -49,13 +48,14 @@ SLOW = 3.0  # the 15W power mode's latency factor
 def tiny_planset(root: Path, threads: int) -> tuple[Path, Path]:
     """Three measured members of the default model (as tests/runtime/conftest.py builds)."""
     from apreqeld import engine
+    from apreqeld.core.plans import canonical_sha256
     from apreqeld.core.qtypes import qtype
     from apreqeld.core.recipes import tensor_recipe
     from apreqeld.evidence.measurement import measure_file
     from apreqeld.evidence.protocol import Protocol
     from apreqeld.evidence.reference import ensure_reference
     from apreqeld.evidence.workspace import Workspace
-    from apreqeld.gguf.view import read_model
+    from apreqeld.gguf.view import file_sha256, read_model
     from apreqeld.manifest import Member, Metrics, ModelInfo, Serving, member_filename
     from apreqeld.resources import default_model_path
 
@@ -82,9 +82,9 @@ def tiny_planset(root: Path, threads: int) -> tuple[Path, Path]:
         engine.quantize(reference.path, path, tensor_types=recipe, base="q8_0", threads=threads)
         m = measure_file(path, protocol=protocol, reference=reference)
         ms = m["latency_ms"]
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = file_sha256(path)
         members.append(Member(
-            id=hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16],
+            id=canonical_sha256(recipe)[:16],
             kind="uniform" if label != "mix" else "mix",
             label=f"uniform {label}" if label != "mix" else "mix q8_0/q4_0",
             base_type="q8_0", recipe=recipe, file_sha256=digest,

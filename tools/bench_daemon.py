@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import http.client
 import json
 import os
@@ -51,7 +50,7 @@ from apreqeld.core.recipes import tensor_recipe
 from apreqeld.errors import DaemonError
 from apreqeld.evidence.reference import reference_file
 from apreqeld.evidence.workspace import Workspace
-from apreqeld.gguf.view import read_model
+from apreqeld.gguf.view import file_sha256, read_model
 from apreqeld.manifest import (
     LatencyStats,
     Member,
@@ -81,7 +80,7 @@ def build_planset(root: Path, threads: int) -> tuple[Path, Path, dict[str, str]]
         recipe = tensor_recipe(view, [qtype(name)] * len(view.sublayers), outside=qtype("q8_0"))
         path = root / f"{name}.gguf"
         engine.quantize(ref, path, tensor_types=recipe, base="q8_0", threads=threads)
-        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        sha = file_sha256(path)
         size = path.stat().st_size
         ms = 5.0 + rank
         members.append(Member(

@@ -3,8 +3,6 @@ helpers to run a real `apreqeld` on it in temporary directories."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import signal
@@ -19,13 +17,14 @@ from pathlib import Path
 import pytest
 
 from apreqeld import engine
+from apreqeld.core.plans import canonical_sha256
 from apreqeld.core.qtypes import qtype
 from apreqeld.core.recipes import tensor_recipe
 from apreqeld.evidence.measurement import measure_file
 from apreqeld.evidence.protocol import Protocol
 from apreqeld.evidence.reference import ensure_reference
 from apreqeld.evidence.workspace import Workspace
-from apreqeld.gguf.view import read_model
+from apreqeld.gguf.view import file_sha256, read_model
 from apreqeld.manifest import (
     LatencyStats,
     Member,
@@ -54,14 +53,6 @@ class TinyPlans:
     by_label: dict[str, str]  # "q4_0", "q8_0", "mix" -> member id
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="session")
 def tiny_plans(tmp_path_factory: pytest.TempPathFactory) -> TinyPlans:
     """Uniform q4_0, uniform q8_0 and a half-and-half mix of the default model, measured
@@ -86,12 +77,12 @@ def tiny_plans(tmp_path_factory: pytest.TempPathFactory) -> TinyPlans:
         engine.quantize(reference.path, path, tensor_types=recipe, base="q8_0", threads=THREADS)
         m = measure_file(path, protocol=PROTOCOL, reference=reference)
         ms = m["latency_ms"]
-        member_id = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+        member_id = canonical_sha256(recipe)[:16]
         size = path.stat().st_size
         members.append(Member(
             id=member_id, kind="uniform" if label != "mix" else "mix",
             label=f"uniform {label}" if label != "mix" else "mix q8_0/q4_0",
-            base_type="q8_0", recipe=recipe, file_sha256=_sha256(path), file_bytes=size,
+            base_type="q8_0", recipe=recipe, file_sha256=file_sha256(path), file_bytes=size,
             measured=Metrics(
                 parameter_bytes=m["memory_bytes"], footprint_bytes=size + 40 * 1024**2,
                 latency=LatencyStats(median_ms=ms, iqr_ms=0.0, mean_ms=ms,
