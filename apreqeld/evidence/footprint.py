@@ -12,7 +12,10 @@ creation, compute buffers as far as a full batch touches them, weights repacked 
 plus the model file's pages that a decode maps in (every weight a decode reads; of the token
 embedding only the rows read, unless the output layer shares it). The load also reads the file
 pages of weights it repacks; they are dropped from the page tables (madvise) before the second
-warm-up, so they are not counted: they are clean page cache the kernel reclaims first.
+warm-up, so they are not counted: they are clean page cache the kernel reclaims first. The
+file's page cache is evicted too and readahead turned off for the mapping, because the kernel
+maps cached neighbours of a faulting page with it (fault-around, 64 KiB): without this, the same
+tensors in two files with different metadata measured 17 MiB apart.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,9 +33,10 @@ import psutil
 
 from apreqeld import engine
 from apreqeld.errors import EngineError
+from apreqeld.evidence.workspace import Workspace, cached_measurement
 
 SERVING_BATCH = 512
-MADV_DONTNEED = 4  # linux/mman.h
+MADV_RANDOM, MADV_DONTNEED = 1, 4  # linux/mman.h
 DEFINITION = (
     "footprint = resident set (RSS) of a child process after loading the GGUF (mmap), creating "
     "a context of the serving length with a batch of min(ctx, 512), decoding one full batch "
@@ -39,7 +44,9 @@ DEFINITION = (
     "decoding the same again, minus the same process's RSS before loading (interpreter and "
     "llama.cpp only; recorded as baseline_rss_bytes). It counts the KV cache, the compute "
     "buffers as touched, weights llama.cpp repacked for the CPU, and the file pages a decode "
-    "reads; not the file pages only the load read (those of repacked weights).")
+    "reads; not the file pages only the load read (those of repacked weights). Before the second "
+    "decode the file's page cache is evicted and readahead is off (MADV_RANDOM), so that the "
+    "kernel maps only the pages a decode reads, not cached neighbours (fault-around).")
 
 
 def _memory() -> dict[str, int]:
@@ -99,8 +106,16 @@ def _drop_mapped_pages(path: Path) -> int:
         parts = line.split(maxsplit=5)
         if len(parts) == 6 and parts[5] == target:
             start, end = (int(x, 16) for x in parts[0].split("-"))
+            libc.madvise(start, end - start, MADV_RANDOM)
             if libc.madvise(start, end - start, MADV_DONTNEED) == 0:
                 dropped += end - start
+    # Evict the file's (clean) page cache too: the kernel maps cached neighbours of a faulting
+    # page along with it (fault-around), which would count pages no decode reads.
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
     return dropped
 
 
@@ -115,6 +130,16 @@ def measure_footprint(path: Path, /, *, n_ctx: int, threads: int, gpu_layers: in
         detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise EngineError(f"footprint of {Path(path).name} could not be measured: {detail}")
     return json.loads(lines[-1])
+
+
+def cached_footprint(path: Path, /, *, workspace: Workspace, n_ctx: int, threads: int,
+                     gpu_layers: int = 0) -> dict:
+    """`measure_footprint`, cached in the work directory by the file's sha256 and the setup."""
+    return cached_measurement(
+        workspace, {"footprint": workspace.sha256(path), "n_ctx": n_ctx, "threads": threads,
+                    "gpu_layers": gpu_layers, "engine": engine.engine_version(),
+                    "apreqel_footprint": 3},
+        lambda: measure_footprint(path, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers))
 
 
 def main(argv: list[str] | None = None) -> int:
