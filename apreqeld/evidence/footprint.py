@@ -85,12 +85,29 @@ def measure_here(path: Path, /, *, n_ctx: int, threads: int, gpu_layers: int = 0
         dropped = _drop_mapped_pages(path)  # what loading read but decoding does not need
         warm_up()  # faults back in exactly the file pages a decode reads
         loaded = _memory()
+        file_rss = _mapped_rss(path)
     return {"footprint_bytes": loaded["rss"] - baseline["rss"], "rss_loaded_bytes": loaded["rss"],
             "baseline_rss_bytes": baseline["rss"],
+            "model_file_rss_bytes": file_rss,
             "rss_after_load_bytes": after_load["rss"], "mapped_bytes_dropped": dropped,
             "rss_anon_bytes": loaded.get("rssanon"), "rss_file_bytes": loaded.get("rssfile"),
             "peak_rss_bytes": loaded.get("vmhwm"), "n_ctx": n_ctx, "n_batch": n_batch,
             "threads": threads, "gpu_layers": gpu_layers}
+
+
+def _mapped_rss(path: Path) -> int | None:
+    """Resident bytes of this process's mappings of `path` (/proc/self/smaps), or None."""
+    smaps = Path("/proc/self/smaps")
+    if not smaps.exists():
+        return None
+    target, inside, total = str(Path(path).resolve()), False, 0
+    for line in smaps.read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            inside = len(head) == 6 and head[5] == target
+        elif inside and head[:1] == ["Rss:"]:
+            total += int(head[1]) * 1024
+    return total
 
 
 def _drop_mapped_pages(path: Path) -> int:
