@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from apreqeld import engine
+from apreqeld.aiming import AIM_PARTS, aimed_recipes, aiming_evidence, default_aims, predictor
 from apreqeld.build import build_gguf
 from apreqeld.core.configs import PAPER_CONFIGS, parse_configs
 from apreqeld.core.disturbance import DISTURBED, latency_record, stolen_share
@@ -30,10 +31,12 @@ from apreqeld.core.recipes import (
     recipe_prediction,
     tensor_recipe,
 )
+from apreqeld.core.sensitivity import parts
+from apreqeld.core.targeting import Predictor
 from apreqeld.errors import EngineError, InputError, PlanError
 from apreqeld.evidence.conditions import Window, combine, observe
 from apreqeld.evidence.footprint import DEFINITION as FOOTPRINT_DEFINITION
-from apreqeld.evidence.footprint import SERVING_BATCH, measure_footprint
+from apreqeld.evidence.footprint import SERVING_BATCH, cached_footprint
 from apreqeld.evidence.measurement import measure_file, order_types, resolve_types
 from apreqeld.evidence.protocol import Progress, Protocol, machine_description, no_progress
 from apreqeld.evidence.reference import ensure_reference, reference_file
@@ -236,6 +239,42 @@ def add_presets(cands: Sequence[Candidate], probes: Mapping[str, dict], view: Mo
     return list(found.values())
 
 
+def aim_parts(view: ModelShape) -> tuple[str, ...]:
+    """The tensor parts that aimed mixes may give their own type (those the model has)."""
+    return tuple(p for p in AIM_PARTS if p in parts(view))
+
+
+def add_aimed(cands: Sequence[Candidate], view: ModelShape, model_sha256: str,
+              aim_predictor: Predictor, targets: Mapping[str, Mapping[str, str]], /, *,
+              outside: str, accuracy: str) -> list[Candidate]:
+    """The candidates plus the mixes aimed at each preset (a recipe already there keeps its
+    candidate)."""
+    found = {c.id: c for c in cands}
+    for label, recipe in aimed_recipes(view, aim_predictor, targets, outside=outside,
+                                       parts=aim_parts(view), accuracy=accuracy):
+        pid = member_plan(view, model_sha256, recipe, outside)["plan_id"]
+        found.setdefault(pid, Candidate(pid, "mix", label, outside, recipe,
+                                        predicted=aim_predictor.predict(recipe)))
+    return list(found.values())
+
+
+def prediction_errors(aim_predictor: Predictor, members: Sequence[Member],
+                      accuracy: str) -> dict[str, dict[str, float]]:
+    """How far the aiming predictor is from every member's measurement: median and largest
+    relative error per metric."""
+    got: dict[str, list[float]] = {"footprint_bytes": [], "latency_ms": [], accuracy: []}
+    for m in members:
+        p = aim_predictor.predict(m.recipe)
+        measured = {"footprint_bytes": m.measured.footprint_bytes,
+                    "latency_ms": m.measured.latency.median_ms,
+                    accuracy: getattr(m.measured, accuracy)}
+        for k, v in measured.items():
+            if v:
+                got[k].append(abs(p[k] / v - 1))
+    return {k: {"median": round(float(np.median(v)), 4), "max": round(float(np.max(v)), 4)}
+            for k, v in got.items() if v}
+
+
 def compare_presets(members: Sequence[Member], presets: Sequence[tuple[str, str]],
                     accuracy: str) -> list[PresetComparison]:
     """Each (preset, member id) against the own members (mixes and uniform types): which
@@ -333,10 +372,12 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
                 calibration: str | None = None, calibration_tokens: int = 2048,
                 serving_ctx: int = 2048, state_dir: Path | None = None,
                 name: str | None = None, presets: str | None = "all",
-                protect: str | None = None, progress: Progress = no_progress) -> PlanSet:
+                protect: str | None = None, aim: bool = True,
+                progress: Progress = no_progress) -> PlanSet:
     """Plan every weight vector, add llama.cpp's presets that apply (`presets`: all, none or
-    a comma list), build and measure each distinct candidate once, keep the measured Pareto
-    set, and write `out_dir/planset.json` and `out_dir/recipes/`. Resumable."""
+    a comma list) and, with `aim`, mixes aimed at beating each preset (apreqeld.aiming),
+    build and measure each distinct candidate once, keep the measured Pareto set, and write
+    `out_dir/planset.json` and `out_dir/recipes/`. Resumable."""
     started = time.time()
     out_dir = Path(out_dir)
     # Every input is checked before anything is measured.
@@ -376,6 +417,21 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
         probes[n] = probe_preset(reference.path, n, view, workspace=workspace,
                                  model_sha256=sha, threads=protocol.threads)
     cands = add_presets(cands, probes, view, sha, dev["policy"]["outside_type"])
+    aim_record = None
+    if aim:
+        evidence = aiming_evidence(source, view, reference, outside=dev["policy"]["outside_type"],
+                                   protocol=protocol, workspace=workspace,
+                                   serving_ctx=serving_ctx,
+                                   progress=lambda w, f: progress(w, (2 + f) / steps))
+        aim_predictor = predictor(view, evidence)
+        cands = add_aimed(cands, view, sha, aim_predictor,
+                          {n: p["recipe"] for n, p in probes.items() if p["applies"]},
+                          outside=dev["policy"]["outside_type"], accuracy=accuracy)
+        aim_record = {"types": list(evidence["uniform"]),
+                      "parts": list(aim_parts(view)),
+                      "sensitivity": {k: evidence["sensitivity"][k]
+                                      for k in ("base", "probe", "base_kld", "part_added_kld")},
+                      "aims": [[m, dict(x)] for m, x in default_aims(accuracy)]}
     t_planning = time.time() - started - t_evidence
     paths: dict[str, Path] = {}
     measured: dict[str, dict] = {}
@@ -396,13 +452,8 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
                                      dest, protocol=protocol, reference=reference,
                                      progress=lambda w, f: p(w, 0.1 + 0.8 * f)))
         step_p("footprint", 0.9)
-        foot = cached_measurement(
-            workspace, {"footprint": file_sha, "n_ctx": serving_ctx, "threads": protocol.threads,
-                        "gpu_layers": protocol.gpu_layers, "engine": engine.engine_version(),
-                        "apreqel_footprint": 2},
-            lambda dest=dest: measure_footprint(dest, n_ctx=serving_ctx,
-                                                threads=protocol.threads,
-                                                gpu_layers=protocol.gpu_layers))
+        foot = cached_footprint(dest, workspace=workspace, n_ctx=serving_ctx,
+                                threads=protocol.threads, gpu_layers=protocol.gpu_layers)
         measured[c.id] = {"file_sha256": file_sha, "file_bytes": dest.stat().st_size,
                           "parameter_bytes": read_model(dest).parameter_bytes,
                           "accuracy": acc, "footprint": foot}
@@ -425,6 +476,8 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
                               weights=c.weights, predicted=c.predicted, measured=metrics,
                               conditions=previous.get(c.id, {}), pareto=True))
     members = with_front(members, accuracy)
+    if aim_record is not None:
+        aim_record["prediction_error"] = prediction_errors(aim_predictor, members, accuracy)
     of = {n: c.id for c in cands for n in c.presets}
     baseline = int(np.median([measured[c.id]["footprint"]["baseline_rss_bytes"]
                               for c in cands]))
@@ -445,6 +498,7 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
                                      "rejected": {n: p["error"] for n, p in probes.items()
                                                   if not p["applies"]}},
                          "weights_file": str(weights_file) if weights_file else None,
+                         "aim": aim_record,
                          "layer_profile": {k: layers[k] for k in ("text", "token_range",
                                                                   "gamma")}},
             "timing_s": {"evidence": round(t_evidence, 1), "planning": round(t_planning, 1),

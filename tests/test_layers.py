@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("apreqeld.gguf",),
     ("apreqeld.evidence",),
     ("apreqeld.build",),
-    ("apreqeld.workflow", "apreqeld.planset", "apreqeld.study"),
+    ("apreqeld.workflow", "apreqeld.aiming", "apreqeld.planset", "apreqeld.study"),
     ("apreqeld.runtime",),
     ("apreqeld.client",),
     ("apreqeld.cli",),

@@ -15,6 +15,7 @@ from apreqeld.core.frontier import dominated_by, simplex_grid, unique_vectors
 from apreqeld.core.metrics import latency_stats
 from apreqeld.core.pareto import nondominated
 from apreqeld.errors import InputError, PlanError
+from apreqeld.evidence import footprint as FP
 from apreqeld.evidence.reference import Reference
 from apreqeld.evidence.workspace import Workspace
 from apreqeld.gguf.view import ModelView, file_sha256
@@ -148,7 +149,7 @@ def tiny_planset(source_model: Path, workspace: Workspace, reference: Reference,
     out = tmp_path_factory.mktemp("plans") / "tiny"
     state = tmp_path_factory.mktemp("state")
     calls: dict[str, list[str]] = {"accuracy": [], "footprint": [], "latency": []}
-    real = {"accuracy": P.measure_file, "footprint": P.measure_footprint}
+    real = {"accuracy": P.measure_file, "footprint": FP.measure_footprint}
     stop_after = [2]
 
     def accuracy(path: Path, /, **kw: object) -> dict:
@@ -170,7 +171,7 @@ def tiny_planset(source_model: Path, workspace: Workspace, reference: Reference,
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(P, "measure_file", accuracy)
-        mp.setattr(P, "measure_footprint", footprint)
+        mp.setattr(FP, "measure_footprint", footprint)
         with pytest.raises(KeyboardInterrupt):
             run()
         first = {k: list(v) for k, v in calls.items()}
@@ -253,7 +254,7 @@ def test_condition_retimes_without_rebuilding(tiny_planset: dict, workspace: Wor
 
     monkeypatch.setattr(P, "measure_file", forbidden)
     monkeypatch.setattr(P, "build_gguf", forbidden)
-    monkeypatch.setattr(P, "measure_footprint", forbidden)
+    monkeypatch.setattr(FP, "measure_footprint", forbidden)
     updated = P.record_condition(out, "busy", workspace=workspace,
                                  state_dir=tiny_planset["state"])
     assert all(m.conditions["busy"].n == PROTOCOL.reps for m in updated.members)

@@ -15,6 +15,7 @@ from apreqeld import planset as P
 from apreqeld.core.frontier import dominance_gaps
 from apreqeld.core.qtypes import PRESETS, parse_presets, preset_ftype
 from apreqeld.errors import InputError
+from apreqeld.evidence import footprint as FP
 from apreqeld.evidence.reference import Reference
 from apreqeld.evidence.workspace import Workspace
 from apreqeld.gguf.view import ModelView, file_sha256, read_model
@@ -112,7 +113,7 @@ def preset_planset(source_model: Path, workspace: Workspace, device_profile: dic
     state = tmp_path_factory.mktemp("state")
     planset = P.run_planset(source_model, out, workspace=workspace, protocol=PROTOCOL,
                             types=TINY_TYPES, step=0.5, paper=False, calibration_tokens=256,
-                            serving_ctx=384, state_dir=state, presets=TINY_PRESETS)
+                            serving_ctx=384, state_dir=state, presets=TINY_PRESETS, aim=False)
     return {"planset": planset, "out": out, "state": state}
 
 
@@ -164,8 +165,9 @@ def test_retime_rebuilds_nothing(preset_planset: dict, workspace: Workspace,
     def forbidden(*_a: object, **_k: object) -> None:
         raise AssertionError("a re-time must not rebuild or re-score")
 
-    for name in ("measure_file", "build_gguf", "measure_footprint", "probe_preset"):
+    for name in ("measure_file", "build_gguf", "probe_preset"):
         monkeypatch.setattr(P, name, forbidden)
+    monkeypatch.setattr(FP, "measure_footprint", forbidden)
     updated = P.retime_planset(out, workspace=workspace, state_dir=preset_planset["state"])
     assert updated.protocol["retimed"] == 1
     old = {m.id: m for m in before.members}

@@ -1,7 +1,7 @@
 """Read a plan set and print what issue 8 asks to measure: the front against the uniform
 models on the same axes, how many distinct plans the grid produced, predicted vs measured per
-member, and footprint vs parameter bytes. (Cold/warm timing and front stability across two
-latency runs are not measured here yet.)
+member (and the aiming predictor's error over all members), and footprint vs parameter bytes.
+(Cold/warm timing and front stability across two latency runs are not measured here yet.)
 
     .venv/bin/python tools/bench_planset.py plans/smollm2-135m
 """
@@ -55,6 +55,18 @@ def main(folder: str) -> None:
               f"({100 * (p['latency_ms'] / x.latency.median_ms - 1):+5.0f}%)  "
               f"kld {p['kld']:.4f} vs {x.kld:.4f} "
               f"({100 * (p['kld'] / max(x.kld, 1e-9) - 1):+5.0f}%)")
+    aim = (ps.protocol.get("planning") or {}).get("aim")
+    if aim:
+        print("\naiming predictor (sensitivity-weighted accuracy, size-weighted latency and "
+              "footprint) against every member's measurement, relative error:")
+        for metric, err in aim["prediction_error"].items():
+            print(f"  {metric:16} median {100 * err['median']:5.1f}%  max {100 * err['max']:5.1f}%")
+        paper = [abs(m.predicted[acc] / getattr(m.measured, acc) - 1) for m in mixes
+                 if m.predicted and not m.label.startswith("aimed at")]
+        if paper:
+            paper.sort()
+            print(f"  the paper's proportional {acc} estimate on the TOPSIS mixes: median "
+                  f"{100 * paper[len(paper) // 2]:5.1f}%  max {100 * paper[-1]:5.1f}%")
     print(f"\nbaseline RSS of the measuring process (not in footprints): "
           f"{(ps.serving.baseline_rss_bytes or 0) / MIB:.1f} MiB; serving ctx {ps.serving.n_ctx}")
 

@@ -672,6 +672,9 @@ def planset_run(
         protect: Annotated[str | None, typer.Option(
             "--protect", help="sublayer tensors one type gentler than the rest of their "
             "sublayer in every mix, as llama.cpp's presets do, e.g. attn_v,ffn_down")] = None,
+        aim: Annotated[bool, typer.Option(
+            "--aim/--no-aim", help="also add mixes aimed at beating each preset: needs "
+            "every candidate type measured and one probe per sublayer (cached)")] = True,
         retime: Annotated[bool, typer.Option(
             "--retime", help="re-time the main latency column of the existing plan set in -o "
             "(interleaved rounds; nothing rebuilt or re-scored) and recompute the "
@@ -703,7 +706,7 @@ def planset_run(
                              calibration=str(calibration) if calibration else None,
                              calibration_tokens=calibration_tokens, serving_ctx=serving_ctx,
                              state_dir=state_dir, presets=presets, protect=protect,
-                             progress=bar)
+                             aim=aim, progress=bar)
     _render_planset(result)
     out.print(f"{len(result.members)} members ({len(result.pareto_members)} on the measured "
               f"front) written to {output}/ ({time.time() - started:.0f} s)")

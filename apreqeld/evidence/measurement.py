@@ -50,30 +50,43 @@ def measure_file(path: Path, /, *, protocol: Protocol, reference: Reference | No
     tokens = reference.tokens if reference is not None else tokens
     if tokens is None:
         raise InputError("no evaluation tokens: give a reference model or tokens")
-    nll, kld, same = [], [], []
     with engine.open_session(path, n_ctx=protocol.n_ctx, threads=protocol.threads,
                              gpu_layers=protocol.gpu_layers) as s:
-        refs = reference.logprobs if reference is not None else None
-        for i, chunk in enumerate(engine.perplexity_chunks(
-                s, tokens, n_ctx=protocol.n_ctx, n_chunks=protocol.chunks, reference=refs)):
-            nll.append(chunk.nll)
-            if chunk.kld is not None:
-                kld.append(chunk.kld)
-                same.append(chunk.same_top)
-            progress("perplexity", (i + 1) / protocol.chunks)
+        scores = _score(s, tokens, reference, protocol, progress)
         progress("latency", 0.0)
         latency = time_latency(s, protocol=protocol, bounds=bounds, tries=tries)
-    ppl, ppl_se = perplexity(np.concatenate(nll))
-    kld_mean, kld_se = mean_and_error(np.concatenate(kld)) if kld else (math.nan, math.nan)
     return {
         "memory_bytes": view.parameter_bytes,
         "bpw": view.bits_per_weight,
         **latency_fields(latency),
-        "ppl": ppl, "ppl_se": ppl_se,
-        "kld": kld_mean, "kld_se": kld_se,
-        "top1_agreement": float(np.concatenate(same).mean()) if same else math.nan,
+        **scores,
         "tensor_types": _type_counts(view),
     }
+
+
+def score_file(path: Path, /, *, protocol: Protocol, reference: Reference,
+               progress: Progress = no_progress) -> dict:
+    """Accuracy only (perplexity, KL divergence, top-1 agreement): no timing."""
+    with engine.open_session(path, n_ctx=protocol.n_ctx, threads=protocol.threads,
+                             gpu_layers=protocol.gpu_layers) as s:
+        return _score(s, reference.tokens, reference, protocol, progress)
+
+
+def _score(session: engine.Session, tokens: np.ndarray, reference: Reference | None,
+           protocol: Protocol, progress: Progress) -> dict:
+    nll, kld, same = [], [], []
+    refs = reference.logprobs if reference is not None else None
+    for i, chunk in enumerate(engine.perplexity_chunks(
+            session, tokens, n_ctx=protocol.n_ctx, n_chunks=protocol.chunks, reference=refs)):
+        nll.append(chunk.nll)
+        if chunk.kld is not None:
+            kld.append(chunk.kld)
+            same.append(chunk.same_top)
+        progress("perplexity", (i + 1) / protocol.chunks)
+    ppl, ppl_se = perplexity(np.concatenate(nll))
+    kld_mean, kld_se = mean_and_error(np.concatenate(kld)) if kld else (math.nan, math.nan)
+    return {"ppl": ppl, "ppl_se": ppl_se, "kld": kld_mean, "kld_se": kld_se,
+            "top1_agreement": float(np.concatenate(same).mean()) if same else math.nan}
 
 
 def time_latency(session: engine.Session, /, *, protocol: Protocol, bounds: Bounds = BOUNDS,
