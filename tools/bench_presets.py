@@ -1,7 +1,8 @@
 """Read a plan set and print issue 13's table: every llama.cpp preset it measured (memory as
 footprint and parameter bytes, ms/token, KLD, PPL), the member that dominates it (all three
-objectives, the same run's interleaved latency) or none and by how much the closest misses,
-and how many presets are dominated (goal: all).
+objectives, the same run's interleaved latency) with its latency margin, flagged when the
+margin is inside the rounds' spread (the mean of the two IQRs), or none and by how much the
+closest misses, and how many presets are dominated (goal: all).
 
     .venv/bin/python tools/bench_presets.py [plans/smollm2-135m]
 """
@@ -10,9 +11,21 @@ from __future__ import annotations
 
 import sys
 
-from apreqeld.manifest import load_planset
+from apreqeld.manifest import Member, load_planset
 
 MIB = 2**20
+
+
+def latency_margin(preset: Member, dominators: list[Member]) -> tuple[Member, float, float]:
+    """The dominating member with the largest latency margin over the preset (relative to
+    the preset's median) and the noise it is judged against: the mean of the two IQRs."""
+    def margin(m: Member) -> float:
+        return 1 - m.measured.latency.median_ms / preset.measured.latency.median_ms
+
+    best = max(dominators, key=margin)
+    noise = ((best.measured.latency.iqr_ms + preset.measured.latency.iqr_ms) / 2
+             / preset.measured.latency.median_ms)
+    return best, margin(best), noise
 
 
 def main(folder: str) -> None:
@@ -28,16 +41,19 @@ def main(folder: str) -> None:
           + (f"; not applicable: {', '.join(rejected)}" if rejected else ""))
     print(f"\n{'preset':8} {'member':12} {'foot':>6} {'param':>6} {'ms/tok':>7} {'KLD':>7} "
           f"{'PPL':>8}  dominated by (or closest: miss per objective)")
-    beaten = covered = 0
+    beaten = covered = clear = 0
     for p in ps.presets:
         m = by_id[p.member]
         x = m.measured
         flag = "!" if x.latency.disturbed else " "
         if p.dominated_by:
             beaten += 1
-            best = by_id[p.dominated_by[0]]
-            what = (f"{best.id} {best.kind} {best.label[:28]}"
-                    + (f" (+{len(p.dominated_by) - 1} more)" if len(p.dominated_by) > 1 else ""))
+            best, margin, noise = latency_margin(m, [by_id[i] for i in p.dominated_by])
+            clear += margin >= noise
+            what = (f"{best.id} {best.kind} {best.label[:24]}"
+                    + (f" (+{len(p.dominated_by) - 1})" if len(p.dominated_by) > 1 else "")
+                    + f"; ms {100 * margin:.0f}% lower"
+                    + ("" if margin >= noise else f", inside the noise ({100 * noise:.0f}%)"))
         else:
             gaps = " ".join(f"{k.split('_')[0]} {100 * v:+.1f}%" for k, v in p.miss.items())
             own = " (itself a " + m.kind + " member)" if m.kind != "preset" else ""
@@ -48,7 +64,8 @@ def main(folder: str) -> None:
               f"{x.ppl:8.3f}  {what}")
     disturbed = sum(m.measured.latency.disturbed for m in ps.members)
     print(f"\npresets dominated by a mix or uniform member: {beaten} of {len(ps.presets)} "
-          f"(goal: all); undominated but identical to a uniform member: {covered}")
+          f"(goal: all); {clear} of them with a latency margin beyond the rounds' spread; "
+          f"undominated but identical to a uniform member: {covered}")
     if disturbed:
         print(f"! latency disturbed for {disturbed} of {len(ps.members)} members: re-time on a "
               "quiet machine with `apreqel planset -o FOLDER --retime`")
