@@ -418,7 +418,7 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
                                  model_sha256=sha, threads=protocol.threads)
     cands = add_presets(cands, probes, view, sha, dev["policy"]["outside_type"])
     aim_record = None
-    if aim:
+    if aim and any(p["applies"] for p in probes.values()):
         evidence = aiming_evidence(source, view, reference, outside=dev["policy"]["outside_type"],
                                    protocol=protocol, workspace=workspace,
                                    serving_ctx=serving_ctx,

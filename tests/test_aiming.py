@@ -15,7 +15,7 @@ from apreqeld.core.qtypes import qtype
 from apreqeld.core.recipes import recipe_prediction, tensor_recipe
 from apreqeld.core.sensitivity import parts
 from apreqeld.evidence.measurement import score_file
-from apreqeld.evidence.reference import Reference
+from apreqeld.evidence.reference import Reference, ensure_reference
 from apreqeld.evidence.workspace import Workspace
 from apreqeld.gguf.view import ModelView, read_model
 from support import PROTOCOL
@@ -24,10 +24,23 @@ TYPES = ("q8_0", "q5_0", "q4_0", "q4_K")  # q4_K falls back to q5_0 on 576-wide 
 
 
 @pytest.fixture(scope="module")
-def evidence(source_model: Path, source_view: ModelView, reference: Reference,
-             workspace: Workspace) -> dict:
-    return aiming_evidence(source_model, source_view, reference, outside="q8_0",
-                           protocol=PROTOCOL, workspace=workspace, serving_ctx=256, types=TYPES)
+def own_workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    """Apart from the session's: the uniform models kept here must not be there for the
+    tests that count what measure_types builds."""
+    return Workspace(tmp_path_factory.mktemp("aiming-work"))
+
+
+@pytest.fixture(scope="module")
+def own_reference(source_model: Path, own_workspace: Workspace) -> Reference:
+    return ensure_reference(source_model, workspace=own_workspace, protocol=PROTOCOL)
+
+
+@pytest.fixture(scope="module")
+def evidence(source_model: Path, source_view: ModelView, own_reference: Reference,
+             own_workspace: Workspace) -> dict:
+    return aiming_evidence(source_model, source_view, own_reference, outside="q8_0",
+                           protocol=PROTOCOL, workspace=own_workspace, serving_ctx=256,
+                           types=TYPES)
 
 
 def effective(view: ModelView, name: str) -> dict[str, str]:
@@ -48,7 +61,8 @@ def test_evidence_has_every_type_and_probe(evidence: dict, source_view: ModelVie
 
 
 def test_predictor_reproduces_uniform_models_and_predicts_a_mix(
-        evidence: dict, source_view: ModelView, reference: Reference, tmp_path: Path) -> None:
+        evidence: dict, source_view: ModelView, own_reference: Reference, tmp_path: Path) -> None:
+    reference = own_reference
     pred = predictor(source_view, evidence)
     for name in TYPES:
         got = pred.predict(effective(source_view, name))
