@@ -22,9 +22,11 @@ def main(folder: str) -> None:
     uniform = [m for m in ps.members if m.kind == "uniform"]
     vectors = sum(len(m.weights) for m in ps.members)
     presets = [m for m in ps.members if m.kind == "preset"]
-    print(f"{ps.name}: {vectors} weight vectors -> {len(mixes)} distinct mixes "
-          f"(+{len(uniform)} uniform, +{len(presets)} llama.cpp presets); front: "
-          f"{len(ps.pareto_members)} members ({sum(m.pareto for m in mixes)} mixes, "
+    aimed = [m for m in mixes if m.label.startswith("aimed at ")]
+    print(f"{ps.name}: {vectors} weight vectors -> {len(mixes) - len(aimed)} distinct mixes "
+          f"(+{len(aimed)} aimed at presets, +{len(uniform)} uniform, +{len(presets)} llama.cpp "
+          f"presets); front: {len(ps.pareto_members)} members ({sum(m.pareto for m in mixes)} "
+          f"mixes, {sum(m.pareto for m in aimed)} of them aimed, "
           f"{sum(m.pareto for m in uniform)} uniform, {sum(m.pareto for m in presets)} presets; "
           f"presets in detail: tools/bench_presets.py)")
     disturbed = [m.id for m in ps.members if m.measured.latency.disturbed]
