@@ -258,13 +258,24 @@ def add_aimed(cands: Sequence[Candidate], view: ModelShape, model_sha256: str,
     return list(found.values())
 
 
-def prediction_errors(aim_predictor: Predictor, members: Sequence[Member],
-                      accuracy: str) -> dict[str, dict[str, float]]:
-    """How far the aiming predictor is from every member's measurement: median and largest
+def aim_predictions(aim_predictor: Predictor, members: Sequence[Member],
+                    accuracy: str) -> dict[str, dict[str, float]]:
+    """The aiming predictor's footprint, latency and accuracy for every member (kept in the
+    manifest, so that a re-time can judge the predictor again)."""
+    keys = ("footprint_bytes", "latency_ms", accuracy)
+    return {m.id: {k: round(float(v), 6) for k, v in aim_predictor.predict(m.recipe).items()
+                   if k in keys} for m in members}
+
+
+def prediction_errors(predictions: Mapping[str, Mapping[str, float]],
+                      members: Sequence[Member], accuracy: str) -> dict[str, dict[str, float]]:
+    """How far the predictions are from every member's measurement: median and largest
     relative error per metric."""
     got: dict[str, list[float]] = {"footprint_bytes": [], "latency_ms": [], accuracy: []}
     for m in members:
-        p = aim_predictor.predict(m.recipe)
+        p = predictions.get(m.id)
+        if p is None:
+            continue
         measured = {"footprint_bytes": m.measured.footprint_bytes,
                     "latency_ms": m.measured.latency.median_ms,
                     accuracy: getattr(m.measured, accuracy)}
@@ -477,7 +488,9 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
                               conditions=previous.get(c.id, {}), pareto=True))
     members = with_front(members, accuracy)
     if aim_record is not None:
-        aim_record["prediction_error"] = prediction_errors(aim_predictor, members, accuracy)
+        aim_record["predictions"] = aim_predictions(aim_predictor, members, accuracy)
+        aim_record["prediction_error"] = prediction_errors(aim_record["predictions"], members,
+                                                           accuracy)
     of = {n: c.id for c in cands for n in c.presets}
     baseline = int(np.median([measured[c.id]["footprint"]["baseline_rss_bytes"]
                               for c in cands]))
@@ -629,13 +642,19 @@ def retime_planset(folder: Path, /, *, workspace: Workspace, state_dir: Path | N
                               reps=reps, condition=None, run=f"retime-{n}", progress=progress)
     members = with_front([m.model_copy(update={"measured": m.measured.model_copy(
         update={"latency": latency[m.id]})}) for m in planset.members], planset.accuracy)
+    protocol = planset.protocol | {
+        "reps": reps or planset.protocol["reps"], "retimed": n,
+        "retimed_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    aim = (protocol.get("planning") or {}).get("aim")
+    if aim and aim.get("predictions"):
+        aim = aim | {"prediction_error": prediction_errors(aim["predictions"], members,
+                                                           planset.accuracy)}
+        protocol["planning"] = protocol["planning"] | {"aim": aim}
     updated = planset.model_copy(update={
         "members": members,
         "presets": compare_presets(members, [(p.name, p.member) for p in planset.presets],
                                    planset.accuracy),
-        "protocol": planset.protocol | {
-            "reps": reps or planset.protocol["reps"], "retimed": n,
-            "retimed_at": datetime.now(UTC).isoformat(timespec="seconds")}})
+        "protocol": protocol})
     updated = PlanSet.model_validate(updated.model_dump())
     write_planset(updated, folder)
     return updated

@@ -4,6 +4,7 @@ a tiny plan set with presets (replayed byte for byte, compared, re-timed without
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import gguf
@@ -191,3 +192,23 @@ def test_bad_preset_comparison_is_rejected(preset_planset: dict) -> None:
     data["presets"][0]["member"] = "f" * 12
     with pytest.raises(InputError, match="presets names member|preset Q4_K_M"):
         parse_planset(data)
+
+
+def test_retime_judges_the_aiming_predictor_again(preset_planset: dict, workspace: Workspace,
+                                                   tmp_path: Path) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(preset_planset["out"], out)
+    ps = load_planset(out)
+    predictions = {m.id: {"footprint_bytes": m.measured.footprint_bytes * 1.1,
+                          "latency_ms": 1.0, "kld": m.measured.kld} for m in ps.members}
+    planning = ps.protocol["planning"] | {"aim": {"predictions": predictions,
+                                                  "prediction_error": {}}}
+    P.write_planset(ps.model_copy(update={"protocol": ps.protocol | {"planning": planning}}),
+                    out)
+    updated = P.retime_planset(out, workspace=workspace, state_dir=preset_planset["state"])
+    errors = updated.protocol["planning"]["aim"]["prediction_error"]
+    latency = [abs(1.0 / m.measured.latency.median_ms - 1) for m in updated.members]
+    assert errors["latency_ms"]["median"] == pytest.approx(float(np.median(latency)), abs=1e-4)
+    assert errors["latency_ms"]["max"] == pytest.approx(max(latency), abs=1e-4)
+    assert errors["footprint_bytes"] == {"median": pytest.approx(0.1), "max": pytest.approx(0.1)}
+    assert errors["kld"]["max"] == 0.0
