@@ -39,7 +39,7 @@ from apreqeld.evidence.footprint import DEFINITION as FOOTPRINT_DEFINITION
 from apreqeld.evidence.footprint import SERVING_BATCH, cached_footprint
 from apreqeld.evidence.measurement import measure_file, order_types, resolve_types
 from apreqeld.evidence.protocol import Progress, Protocol, machine_description, no_progress
-from apreqeld.evidence.reference import ensure_reference, reference_file
+from apreqeld.evidence.reference import Reference, ensure_reference, reference_file
 from apreqeld.evidence.workspace import Workspace, cached_measurement, measurement_key
 from apreqeld.gguf.view import file_sha256, read_model
 from apreqeld.manifest import (
@@ -444,56 +444,16 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
                                       for k in ("base", "probe", "base_kld", "part_added_kld")},
                       "aims": [[m, dict(x)] for m, x in default_aims(accuracy)]}
     t_planning = time.time() - started - t_evidence
-    paths: dict[str, Path] = {}
-    measured: dict[str, dict] = {}
-    for k, c in enumerate(cands):
-        def step_p(w: str, f: float, k: int = k, c: Candidate = c) -> None:
-            progress(f"{c.label} ({k + 1}/{len(cands)}): {w}",
-                     (3 + (k + min(max(f, 0), 1)) / len(cands)) / steps)
-
-        dest = state_dir / gguf_name(sha, c.id)
-        if not dest.exists():
-            step_p("building", 0.0)
-            _build(view, sha, c.recipe, c.base_type, reference.path, dest,
-                   threads=protocol.threads)
-        paths[c.id] = dest
-        file_sha = workspace.sha256(dest)
-        acc = cached_measurement(workspace, measurement_key(c.recipe, reference, protocol),
-                                 lambda dest=dest, p=step_p: measure_file(
-                                     dest, protocol=protocol, reference=reference,
-                                     progress=lambda w, f: p(w, 0.1 + 0.8 * f)))
-        step_p("footprint", 0.9)
-        foot = cached_footprint(dest, workspace=workspace, n_ctx=serving_ctx,
-                                threads=protocol.threads, gpu_layers=protocol.gpu_layers)
-        measured[c.id] = {"file_sha256": file_sha, "file_bytes": dest.stat().st_size,
-                          "parameter_bytes": read_model(dest).parameter_bytes,
-                          "accuracy": acc, "footprint": foot}
-    latency = _interleaved_rounds(paths, workspace=workspace, protocol=protocol,
-                                  condition=None, run="default", progress=stage(4, "latency"))
-    previous = _previous_conditions(out_dir)
-    members = []
-    for c in cands:
-        m = measured[c.id]
-        acc = m["accuracy"]
-        metrics = Metrics(parameter_bytes=m["parameter_bytes"],
-                          footprint_bytes=m["footprint"]["footprint_bytes"],
-                          latency=latency[c.id],
-                          ppl=acc["ppl"], ppl_se=acc["ppl_se"], kld=acc["kld"],
-                          kld_se=acc["kld_se"], top1=acc.get("top1_agreement"))
-        members.append(Member(id=c.id, kind=c.kind, label=c.label, base_type=c.base_type,
-                              recipe=dict(sorted(c.recipe.items())),
-                              ftype=c.presets[0] if c.presets else None,
-                              file_sha256=m["file_sha256"], file_bytes=m["file_bytes"],
-                              weights=c.weights, predicted=c.predicted, measured=metrics,
-                              conditions=previous.get(c.id, {}), pareto=True))
+    members, baseline = measure_candidates(
+        view, sha, cands, reference, workspace=workspace, protocol=protocol,
+        serving_ctx=serving_ctx, state_dir=state_dir, previous=_previous_conditions(out_dir),
+        progress=lambda w, f: progress(w, (3 + 2 * f) / steps))
     members = with_front(members, accuracy)
     if aim_record is not None:
         aim_record["predictions"] = aim_predictions(aim_predictor, members, accuracy)
         aim_record["prediction_error"] = prediction_errors(aim_record["predictions"], members,
                                                            accuracy)
     of = {n: c.id for c in cands for n in c.presets}
-    baseline = int(np.median([measured[c.id]["footprint"]["baseline_rss_bytes"]
-                              for c in cands]))
     planset = PlanSet(
         name=name or out_dir.resolve().name,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -523,6 +483,113 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
         members=members, notes=[FOOTPRINT_DEFINITION, LATENCY_NOTE, PRESET_NOTE],
         presets=compare_presets(members, [(n, of[n]) for n in preset_names if n in of],
                                 accuracy))
+    write_planset(planset, out_dir)
+    return planset
+
+
+def measure_candidates(view: ModelShape, model_sha256: str, cands: Sequence[Candidate],
+                       reference: Reference, /, *, workspace: Workspace, protocol: Protocol,
+                       serving_ctx: int, state_dir: Path,
+                       previous: Mapping[str, dict[str, LatencyStats]] | None = None,
+                       progress: Progress = no_progress) -> tuple[list[Member], int]:
+    """Build each candidate once into `state_dir`, measure its accuracy and serving footprint
+    (cached), time them all in interleaved rounds; the members (front not set yet) and the
+    median baseline RSS of the footprint measurements."""
+    paths: dict[str, Path] = {}
+    measured: dict[str, dict] = {}
+    for k, c in enumerate(cands):
+        def step(w: str, f: float, k: int = k, c: Candidate = c) -> None:
+            progress(f"{c.label} ({k + 1}/{len(cands)}): {w}",
+                     0.7 * (k + min(max(f, 0), 1)) / len(cands))
+
+        dest = state_dir / gguf_name(model_sha256, c.id)
+        if not dest.exists():
+            step("building", 0.0)
+            _build(view, model_sha256, c.recipe, c.base_type, reference.path, dest,
+                   threads=protocol.threads)
+        paths[c.id] = dest
+        acc = cached_measurement(workspace, measurement_key(c.recipe, reference, protocol),
+                                 lambda dest=dest, p=step: measure_file(
+                                     dest, protocol=protocol, reference=reference,
+                                     progress=lambda w, f: p(w, 0.1 + 0.8 * f)))
+        step("footprint", 0.9)
+        foot = cached_footprint(dest, workspace=workspace, n_ctx=serving_ctx,
+                                threads=protocol.threads, gpu_layers=protocol.gpu_layers)
+        measured[c.id] = {"file_sha256": workspace.sha256(dest),
+                          "file_bytes": dest.stat().st_size,
+                          "parameter_bytes": read_model(dest).parameter_bytes,
+                          "accuracy": acc, "footprint": foot}
+    latency = _interleaved_rounds(paths, workspace=workspace, protocol=protocol,
+                                  condition=None, run="default",
+                                  progress=lambda w, f: progress(f"latency: {w}", 0.7 + 0.3 * f))
+    members = []
+    for c in cands:
+        m = measured[c.id]
+        acc = m["accuracy"]
+        metrics = Metrics(parameter_bytes=m["parameter_bytes"],
+                          footprint_bytes=m["footprint"]["footprint_bytes"],
+                          latency=latency[c.id],
+                          ppl=acc["ppl"], ppl_se=acc["ppl_se"], kld=acc["kld"],
+                          kld_se=acc["kld_se"], top1=acc.get("top1_agreement"))
+        members.append(Member(id=c.id, kind=c.kind, label=c.label, base_type=c.base_type,
+                              recipe=dict(sorted(c.recipe.items())),
+                              ftype=c.presets[0] if c.presets else None,
+                              file_sha256=m["file_sha256"], file_bytes=m["file_bytes"],
+                              weights=c.weights, predicted=c.predicted, measured=metrics,
+                              conditions=(previous or {}).get(c.id, {}), pareto=True))
+    baseline = int(np.median([m["footprint"]["baseline_rss_bytes"] for m in measured.values()]))
+    return members, baseline
+
+
+def planset_from_recipes(source: Path, recipes: Mapping[str, Mapping[str, str]], out_dir: Path,
+                         /, *, workspace: Workspace, protocol: Protocol,
+                         serving_ctx: int = 2048, state_dir: Path | None = None,
+                         outside: str = "q8_0", accuracy: str = "kld", name: str | None = None,
+                         progress: Progress = no_progress) -> PlanSet:
+    """A plan set of the given recipes (label -> tensor -> type; a quantizable tensor not
+    named gets `outside`), each built from the F16 reference and measured like any member,
+    written to `out_dir`: hand-made recipes next to each other, or a small set to serve."""
+    if accuracy not in ACCURACY_METRICS:
+        raise InputError(f"unknown accuracy '{accuracy}' (choose {', '.join(ACCURACY_METRICS)})")
+    if serving_ctx < 8:
+        raise InputError(f"serving context must be at least 8, got {serving_ctx}")
+    view = read_model(source)
+    sha = workspace.sha256(source)
+    names = {t.name for t in view.tensors if t.quantizable}
+    cands: dict[str, Candidate] = {}
+    for label, recipe in recipes.items():
+        unknown = sorted(set(recipe) - names)
+        if unknown:
+            raise InputError(f"recipe '{label}': no quantizable tensor {unknown[0]} in "
+                             f"{view.name}")
+        full = {n: qtype(outside).name for n in sorted(names)} | {
+            n: qtype(q).name for n, q in recipe.items()}
+        pid = member_plan(view, sha, full, outside)["plan_id"]
+        if pid in cands:
+            raise InputError(f"recipes '{cands[pid].label}' and '{label}' are the same")
+        inside = {full[t.name] for s in view.sublayers for t in s.tensors if t.quantizable}
+        cands[pid] = Candidate(pid, "uniform" if len(inside) == 1 else "mix", label, outside,
+                               full)
+    state_dir = Path(state_dir) if state_dir else workspace.root / "state"
+    reference = ensure_reference(source, workspace=workspace, protocol=protocol)
+    members, baseline = measure_candidates(view, sha, list(cands.values()), reference,
+                                           workspace=workspace, protocol=protocol,
+                                           serving_ctx=serving_ctx, state_dir=state_dir,
+                                           progress=progress)
+    planset = PlanSet(
+        name=name or Path(out_dir).resolve().name,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        model=ModelInfo(name=view.name, sha256=sha, path=str(source),
+                        architecture=view.architecture),
+        engine=engine.engine_version(), device=machine_description(protocol),
+        protocol=protocol.to_dict() | {"latency_rounds": LATENCY_NOTE,
+                                       "planning": {"recipes": list(recipes),
+                                                    "outside_type": outside}},
+        serving=Serving(n_ctx=serving_ctx, threads=protocol.threads,
+                        gpu_layers=protocol.gpu_layers, n_batch=min(serving_ctx, SERVING_BATCH),
+                        baseline_rss_bytes=baseline),
+        accuracy=accuracy, objectives=("footprint_bytes", "latency_ms", accuracy),
+        members=with_front(members, accuracy), notes=[FOOTPRINT_DEFINITION, LATENCY_NOTE])
     write_planset(planset, out_dir)
     return planset
 

@@ -263,3 +263,19 @@ def test_condition_retimes_without_rebuilding(tiny_planset: dict, workspace: Wor
     assert load_planset(out) == updated
     with pytest.raises(InputError, match="condition name"):
         P.record_condition(out, "bad name!", workspace=workspace)
+
+
+def test_recipes_are_checked_before_anything_is_built(source_model: Path, source_view: ModelView,
+                                                      workspace: Workspace,
+                                                      tmp_path: Path) -> None:
+    q4 = {t.name: "q4_0" for s in source_view.sublayers for t in s.tensors if t.quantizable}
+    out = tmp_path / "out"
+    cases = [({"x": {"blk.99.attn_q.weight": "q4_0"}},
+              "recipe 'x': no quantizable tensor blk.99.attn_q.weight"),
+             ({"a": q4, "b": dict(q4)}, "recipes 'a' and 'b' are the same"),
+             ({"c": {"blk.0.attn_q.weight": "q9"}}, "unknown quantization type 'q9'")]
+    for recipes, message in cases:
+        with pytest.raises(InputError, match=message):
+            P.planset_from_recipes(source_model, recipes, out, workspace=workspace,
+                                   protocol=PROTOCOL)
+    assert not out.exists()

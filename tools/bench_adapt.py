@@ -28,13 +28,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 from apreqeld.client import Client
 from apreqeld.core.budget import budget_bytes
 from apreqeld.errors import DaemonError
-from apreqeld.manifest import LatencyStats, PlanSet, load_planset, save_planset
+from apreqeld.manifest import PlanSet, load_planset, save_planset
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024**2
@@ -46,69 +45,32 @@ SLOW = 3.0  # the 15W power mode's latency factor
 # --------------------------------------------------------------------------- the plan set
 
 def tiny_planset(root: Path, threads: int) -> tuple[Path, Path]:
-    """Three measured members of the default model (as tests/runtime/conftest.py builds)."""
-    from apreqeld import engine
-    from apreqeld.core.plans import canonical_sha256
+    """Three measured members of the default model (as the daemon's tests build them)."""
     from apreqeld.core.qtypes import qtype
     from apreqeld.core.recipes import tensor_recipe
-    from apreqeld.evidence.measurement import measure_file
     from apreqeld.evidence.protocol import Protocol
-    from apreqeld.evidence.reference import ensure_reference
     from apreqeld.evidence.workspace import Workspace
-    from apreqeld.gguf.view import file_sha256, read_model
-    from apreqeld.manifest import Member, Metrics, ModelInfo, Serving, member_filename
+    from apreqeld.gguf.view import read_model
+    from apreqeld.planset import planset_from_recipes
     from apreqeld.resources import default_model_path
 
     plans, state = root / "plans", root / "state"
     if (plans / "planset.json").is_file():
         return plans, state
-    protocol = Protocol(n_ctx=512, chunks=1, n_gen=8, reps=3, threads=threads)
     source = default_model_path()
-    ws = Workspace(root / "work")
-    reference = ensure_reference(source, workspace=ws, protocol=protocol)
     view = read_model(source)
     n = len(view.sublayers)
     recipes = {
-        "q4_0": tensor_recipe(view, [qtype("q4_0")] * n, outside=qtype("q8_0")),
-        "mix": tensor_recipe(view, [qtype("q8_0")] * (n // 2) + [qtype("q4_0")] * (n - n // 2),
-                             outside=qtype("q8_0")),
-        "q8_0": tensor_recipe(view, [qtype("q8_0")] * n, outside=qtype("q8_0")),
+        "uniform q4_0": tensor_recipe(view, [qtype("q4_0")] * n, outside=qtype("q8_0")),
+        "mix q8_0/q4_0": tensor_recipe(
+            view, [qtype("q8_0")] * (n // 2) + [qtype("q4_0")] * (n - n // 2),
+            outside=qtype("q8_0")),
+        "uniform q8_0": tensor_recipe(view, [qtype("q8_0")] * n, outside=qtype("q8_0")),
     }
-    build = root / "build"
-    build.mkdir(parents=True, exist_ok=True)
-    members, files = [], []
-    for label, recipe in recipes.items():
-        path = build / f"{label}.gguf"
-        engine.quantize(reference.path, path, tensor_types=recipe, base="q8_0", threads=threads)
-        m = measure_file(path, protocol=protocol, reference=reference)
-        ms = m["latency_ms"]
-        digest = file_sha256(path)
-        members.append(Member(
-            id=canonical_sha256(recipe)[:16],
-            kind="uniform" if label != "mix" else "mix",
-            label=f"uniform {label}" if label != "mix" else "mix q8_0/q4_0",
-            base_type="q8_0", recipe=recipe, file_sha256=digest,
-            file_bytes=path.stat().st_size,
-            measured=Metrics(
-                parameter_bytes=m["memory_bytes"],
-                footprint_bytes=path.stat().st_size + 40 * MIB,
-                latency=LatencyStats(median_ms=ms, iqr_ms=0.0, mean_ms=ms,
-                                     std_ms=m["latency_std_ms"], n=protocol.reps),
-                ppl=m["ppl"], ppl_se=m["ppl_se"], kld=max(m["kld"], 0.0), kld_se=m["kld_se"],
-                top1=m["top1_agreement"]),
-            pareto=True))
-        files.append(path)
-    planset = PlanSet(
-        name="bench-adapt", created=datetime.now(UTC).isoformat(timespec="seconds"),
-        model=ModelInfo(name=view.name, sha256=reference.source_sha256, path=str(source),
-                        architecture=view.architecture),
-        engine=engine.engine_version(), device={"note": "bench_adapt"},
-        protocol=protocol.to_dict(), serving=Serving(n_ctx=256, threads=threads, gpu_layers=0),
-        members=members)
-    state.mkdir(parents=True, exist_ok=True)
-    for path, member in zip(files, members, strict=True):
-        shutil.move(path, state / member_filename(planset, member))
-    save_planset(planset, plans)
+    planset_from_recipes(source, recipes, plans, workspace=Workspace(root / "work"),
+                         protocol=Protocol(n_ctx=512, chunks=1, n_gen=8, reps=3,
+                                           threads=threads),
+                         serving_ctx=256, state_dir=state, name="bench-adapt")
     return plans, state
 
 

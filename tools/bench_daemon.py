@@ -43,24 +43,14 @@ import threading
 import time
 from pathlib import Path
 
-from apreqeld import engine
 from apreqeld.client import Client
 from apreqeld.core.qtypes import qtype
 from apreqeld.core.recipes import tensor_recipe
 from apreqeld.errors import DaemonError
-from apreqeld.evidence.reference import reference_file
+from apreqeld.evidence.protocol import Protocol
 from apreqeld.evidence.workspace import Workspace
-from apreqeld.gguf.view import file_sha256, read_model
-from apreqeld.manifest import (
-    LatencyStats,
-    Member,
-    Metrics,
-    ModelInfo,
-    PlanSet,
-    Serving,
-    member_filename,
-    save_planset,
-)
+from apreqeld.gguf.view import read_model
+from apreqeld.planset import planset_from_recipes
 from apreqeld.resources import default_model_path
 from apreqeld.runtime.workers import Spawn, Worker
 
@@ -69,40 +59,19 @@ N_CTX = 512
 
 
 def build_planset(root: Path, threads: int) -> tuple[Path, Path, dict[str, str]]:
-    """Two uniform members with rough metrics (file size as footprint): enough to serve."""
+    """Uniform q4_0 and q8_0 of the default model, built and measured with a tiny protocol."""
     source = default_model_path()
     home = os.environ.get("APREQEL_HOME")
-    ws = Workspace(Path(home) if home else root / "work")
-    ref = reference_file(source, workspace=ws)
     view = read_model(source)
-    members, files = [], {}
-    for rank, name in enumerate(("q4_0", "q8_0")):
-        recipe = tensor_recipe(view, [qtype(name)] * len(view.sublayers), outside=qtype("q8_0"))
-        path = root / f"{name}.gguf"
-        engine.quantize(ref, path, tensor_types=recipe, base="q8_0", threads=threads)
-        sha = file_sha256(path)
-        size = path.stat().st_size
-        ms = 5.0 + rank
-        members.append(Member(
-            id=sha[:16], kind="uniform", label=f"uniform {name}", base_type="q8_0",
-            recipe=recipe, file_sha256=sha, file_bytes=size, pareto=True,
-            measured=Metrics(parameter_bytes=size, footprint_bytes=size,
-                             latency=LatencyStats(median_ms=ms, iqr_ms=0, mean_ms=ms,
-                                                  std_ms=0, n=1),
-                             ppl=20.0 - rank, ppl_se=0.1, kld=0.05 / (rank + 1), kld_se=0.01)))
-        files[name] = path
-    planset = PlanSet(name="bench", created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      model=ModelInfo(name=view.name, sha256=ws.sha256(source),
-                                      path=str(source), architecture=view.architecture),
-                      engine=engine.engine_version(), device={}, protocol={},
-                      serving=Serving(n_ctx=N_CTX, threads=threads, gpu_layers=0),
-                      members=members)
-    state = root / "state"
-    state.mkdir()
-    for m, name in zip(members, files, strict=True):
-        files[name].rename(state / member_filename(planset, m))
-    save_planset(planset, root / "plans")
-    return root / "plans", state, {name: m.id for m, name in zip(members, files, strict=True)}
+    recipes = {f"uniform {name}": tensor_recipe(view, [qtype(name)] * len(view.sublayers),
+                                                outside=qtype("q8_0"))
+               for name in ("q4_0", "q8_0")}
+    workspace = Workspace(Path(home) if home else root / "work")
+    planset = planset_from_recipes(
+        source, recipes, root / "plans", workspace=workspace,
+        protocol=Protocol(n_ctx=512, chunks=1, n_gen=4, reps=2, threads=threads),
+        serving_ctx=N_CTX, state_dir=root / "state", name="bench")
+    return root / "plans", root / "state", {m.label.split()[-1]: m.id for m in planset.members}
 
 
 def start(plans: Path, state: Path, sock: Path, threads: int, *extra: str) -> subprocess.Popen:

@@ -11,30 +11,17 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from apreqeld import engine
-from apreqeld.core.plans import canonical_sha256
 from apreqeld.core.qtypes import qtype
 from apreqeld.core.recipes import tensor_recipe
-from apreqeld.evidence.measurement import measure_file
 from apreqeld.evidence.protocol import Protocol
-from apreqeld.evidence.reference import ensure_reference
 from apreqeld.evidence.workspace import Workspace
-from apreqeld.gguf.view import file_sha256, read_model
-from apreqeld.manifest import (
-    LatencyStats,
-    Member,
-    Metrics,
-    ModelInfo,
-    PlanSet,
-    Serving,
-    member_filename,
-    save_planset,
-)
+from apreqeld.gguf.view import read_model
+from apreqeld.manifest import PlanSet
+from apreqeld.planset import planset_from_recipes
 from apreqeld.resources import default_model_path
 
 THREADS = 1
@@ -55,55 +42,26 @@ class TinyPlans:
 
 @pytest.fixture(scope="session")
 def tiny_plans(tmp_path_factory: pytest.TempPathFactory) -> TinyPlans:
-    """Uniform q4_0, uniform q8_0 and a half-and-half mix of the default model, measured
-    with a tiny protocol (one chunk, tg4 x 2, one thread)."""
+    """Uniform q4_0, uniform q8_0 and a half-and-half mix of the default model, built and
+    measured by apreqeld.planset with a tiny protocol (one chunk, tg4 x 2, one thread)."""
     root = tmp_path_factory.mktemp("tiny-plans")
     source = default_model_path()
-    ws = Workspace(root / "work")
-    reference = ensure_reference(source, workspace=ws, protocol=PROTOCOL)
     view = read_model(source)
     n = len(view.sublayers)
     recipes = {
-        "q4_0": tensor_recipe(view, [qtype("q4_0")] * n, outside=qtype("q8_0")),
-        "q8_0": tensor_recipe(view, [qtype("q8_0")] * n, outside=qtype("q8_0")),
-        "mix": tensor_recipe(view, [qtype("q8_0")] * (n // 2) + [qtype("q4_0")] * (n - n // 2),
-                             outside=qtype("q8_0")),
+        "uniform q4_0": tensor_recipe(view, [qtype("q4_0")] * n, outside=qtype("q8_0")),
+        "uniform q8_0": tensor_recipe(view, [qtype("q8_0")] * n, outside=qtype("q8_0")),
+        "mix q8_0/q4_0": tensor_recipe(
+            view, [qtype("q8_0")] * (n // 2) + [qtype("q4_0")] * (n - n // 2),
+            outside=qtype("q8_0")),
     }
-    build = root / "build"
-    build.mkdir()
-    members = []
-    for label, recipe in recipes.items():
-        path = build / f"{label}.gguf"
-        engine.quantize(reference.path, path, tensor_types=recipe, base="q8_0", threads=THREADS)
-        m = measure_file(path, protocol=PROTOCOL, reference=reference)
-        ms = m["latency_ms"]
-        member_id = canonical_sha256(recipe)[:16]
-        size = path.stat().st_size
-        members.append(Member(
-            id=member_id, kind="uniform" if label != "mix" else "mix",
-            label=f"uniform {label}" if label != "mix" else "mix q8_0/q4_0",
-            base_type="q8_0", recipe=recipe, file_sha256=file_sha256(path), file_bytes=size,
-            measured=Metrics(
-                parameter_bytes=m["memory_bytes"], footprint_bytes=size + 40 * 1024**2,
-                latency=LatencyStats(median_ms=ms, iqr_ms=0.0, mean_ms=ms,
-                                     std_ms=m["latency_std_ms"], n=PROTOCOL.reps),
-                ppl=m["ppl"], ppl_se=m["ppl_se"], kld=max(m["kld"], 0.0),
-                kld_se=m["kld_se"], top1=m["top1_agreement"]),
-            pareto=True))
-    planset = PlanSet(
-        name="tiny", created=datetime.now(UTC).isoformat(timespec="seconds"),
-        model=ModelInfo(name=view.name, sha256=reference.source_sha256, path=str(source),
-                        architecture=view.architecture),
-        engine=engine.engine_version(), device={"note": "test"},
-        protocol=PROTOCOL.to_dict(), serving=Serving(n_ctx=SERVING_CTX, threads=THREADS,
-                                                     gpu_layers=0),
-        members=members)
     plans_dir, state_dir = root / "plans", root / "state"
-    state_dir.mkdir()
-    for label, member in zip(recipes, members, strict=True):
-        shutil.move(build / f"{label}.gguf", state_dir / member_filename(planset, member))
-    save_planset(planset, plans_dir)
-    by_label = {label: m.id for label, m in zip(recipes, members, strict=True)}
+    planset = planset_from_recipes(source, recipes, plans_dir, workspace=Workspace(root / "work"),
+                                   protocol=PROTOCOL, serving_ctx=SERVING_CTX,
+                                   state_dir=state_dir, name="tiny")
+    short = {"uniform q4_0": "q4_0", "uniform q8_0": "q8_0", "mix q8_0/q4_0": "mix"}
+    by_label = {short[m.label]: m.id for m in planset.members}
+    assert all(m.pareto for m in planset.members)  # the daemon serves the front
     return TinyPlans(plans_dir, state_dir, planset, by_label)
 
 

@@ -59,7 +59,7 @@ def test_plans_lists_members_with_metrics(daemon: RunningDaemon, tiny_plans) -> 
     assert len(lines) == 4
     for member, line in zip(tiny_plans.planset.members, lines[1:], strict=True):
         m = member.measured
-        assert line == (f"{'*' if member.label == 'uniform q4_0' else ' '} {member.id}  "
+        assert line == (f"{'*' if member.label == 'uniform q4_0' else ' '} {member.id:<16}  "
                         f"{member.label:<24}  {m.footprint_bytes / 1024**2:>8.1f}  "
                         f"{m.latency.median_ms:>7.2f}  {m.kld:>8.4f}")
     listed = json.loads(ok("plans", "--json", socket=daemon.socket))
