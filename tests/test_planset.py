@@ -20,7 +20,7 @@ from apreqeld.evidence.reference import Reference
 from apreqeld.evidence.workspace import Workspace
 from apreqeld.gguf.view import ModelView, file_sha256
 from apreqeld.manifest import PlanSet, load_planset, member_filename, parse_planset
-from support import PROTOCOL, TINY_TYPES, CliRunner
+from support import CLI_PROTOCOL_ARGS, PROTOCOL, TINY_TYPES, CliRunner
 
 # Three types: with only two, every TOPSIS plan on this model is a uniform one.
 PLANSET_TYPES = "q4_0,q5_0,q8_0"
@@ -279,3 +279,30 @@ def test_recipes_are_checked_before_anything_is_built(source_model: Path, source
             P.planset_from_recipes(source_model, recipes, out, workspace=workspace,
                                    protocol=PROTOCOL)
     assert not out.exists()
+
+
+def test_recipes_command_measures_hand_written_recipes(run_cli: CliRunner,
+                                                       tmp_path: Path) -> None:
+    (tmp_path / "all-q4_0.txt").write_text("# everything\n.*=q4_0\n")
+    (tmp_path / "protected.txt").write_text("attn_v|ffn_down=q8_0\n.*=q4_0\n")
+    out = tmp_path / "mine"
+    done = run_cli("planset", "recipes", f"q4={tmp_path / 'all-q4_0.txt'}",
+                   f"protected={tmp_path / 'protected.txt'}", "-o", out, *CLI_PROTOCOL_ARGS,
+                   "--serving-ctx", "256", "--state-dir", tmp_path / "state")
+    assert done.returncode == 0, done.stderr
+    ps = load_planset(out)
+    by = {m.label: m for m in ps.members}
+    assert list(by) == ["q4", "protected"] and "2 members" in done.stdout
+    assert set(by["q4"].recipe.values()) == {"q4_0"} and by["q4"].kind == "uniform"
+    assert by["protected"].kind == "mix"
+    assert by["protected"].recipe["blk.3.attn_v.weight"] == "q8_0"
+    assert by["protected"].recipe["blk.3.attn_q.weight"] == "q4_0"
+    assert by["q4"].measured.footprint_bytes < by["protected"].measured.footprint_bytes
+    for args, message in [(("x=" + str(tmp_path / "none.txt"),), "recipe file not found"),
+                          (("justafile",), "expected LABEL=FILE, got 'justafile'"),
+                          ((f"a={tmp_path / 'all-q4_0.txt'}", f"a={tmp_path / 'all-q4_0.txt'}"),
+                           "recipe label 'a' is given twice")]:
+        bad = run_cli("planset", "recipes", *args, "-o", tmp_path / "bad")
+        assert bad.returncode == 1 and len(bad.error_lines) == 1, bad.stderr
+        assert message in bad.error_lines[0]
+    assert not (tmp_path / "bad").exists()

@@ -634,8 +634,9 @@ class _PlansetGroup(typer.core.TyperGroup):
 
 planset_app = typer.Typer(cls=_PlansetGroup, add_completion=False, help=(
     "Plan sets: the measured Pareto set of mixed and uniform GGUFs the daemon serves from. "
-    "`apreqel planset [MODEL] -o plans/NAME` makes one; `apreqel planset materialize "
-    "plans/NAME` rebuilds its GGUFs byte for byte."))
+    "`apreqel planset [MODEL] -o plans/NAME` makes one; `apreqel planset recipes "
+    "LABEL=FILE... -o plans/NAME` measures hand-written llama-quantize recipes as one; "
+    "`apreqel planset materialize plans/NAME` rebuilds its GGUFs byte for byte."))
 app.add_typer(planset_app, name="planset")
 StateDir = Annotated[Path | None, typer.Option(
     "--state-dir", help="where member GGUFs are built (default $APREQEL_HOME/state)")]
@@ -736,6 +737,56 @@ def planset_materialize(
         paths = materialize(planset, target, members=members, source=model,
                             workspace=workspace, progress=bar)
     out.print(f"{len(paths)} members in {target}, every sha256 matches the manifest")
+
+
+@planset_app.command("recipes")
+@handled
+def planset_recipes(
+        recipes: Annotated[list[str], typer.Argument(
+            help="LABEL=FILE: a llama-quantize --tensor-type-file (PATTERN=TYPE lines, the "
+            "first match wins) per member")],
+        output: Annotated[Path, typer.Option("-o", "--output", help="plan-set folder, e.g. "
+                                             "plans/NAME")],
+        model: Annotated[Path | None, typer.Option(
+            "--model", help="the source model (default: the built-in default model)")] = None,
+        base: Annotated[str, typer.Option(
+            "--base", help="type of every tensor no line matches")] = "q8_0",
+        accuracy: Annotated[str, typer.Option("--accuracy", help="'kld' or 'ppl'")] = "kld",
+        chunks: Chunks = None, ctx: Ctx = None, n_gen: NGen = None, reps: Reps = None,
+        threads: Threads = None, gpu_layers: GpuLayers = None,
+        serving_ctx: Annotated[int, typer.Option("--serving-ctx", help="context length the "
+                                                 "footprint is measured with")] = 2048,
+        state_dir: StateDir = None, workdir: Workdir = None) -> None:
+    """Build and measure hand-written llama-quantize recipes as a plan set (every one is kept,
+    front or not), e.g. to compare them with a planned set or serve them."""
+    from apreqeld.core.recipes import parse_tensor_type_file
+    from apreqeld.gguf.view import read_model
+    from apreqeld.planset import planset_from_recipes
+
+    source = _model(model)
+    names = [t.name for t in read_model(source).tensors if t.quantizable]
+    parsed = {}
+    for spec in recipes:
+        label, sep, file = spec.partition("=")
+        if not sep or not label or not file:
+            raise InputError(f"expected LABEL=FILE, got '{spec}'")
+        if label in parsed:
+            raise InputError(f"recipe label '{label}' is given twice")
+        path = Path(file)
+        if not path.is_file():
+            raise InputError(f"recipe file not found: {path}")
+        parsed[label] = parse_tensor_type_file(path.read_text(encoding="utf-8"), names,
+                                               name=str(path))
+    protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
+    started = time.time()
+    with progress_bar("recipes") as bar:
+        result = planset_from_recipes(source, parsed, output, workspace=Workspace(workdir),
+                                      protocol=protocol, serving_ctx=serving_ctx,
+                                      state_dir=state_dir, outside=base, accuracy=accuracy,
+                                      progress=bar)
+    _render_planset(result)
+    out.print(f"{len(result.members)} members ({len(result.pareto_members)} on the measured "
+              f"front) written to {output}/ ({time.time() - started:.0f} s)")
 
 
 def _render_planset(planset: object, *, condition: str | None = None) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from apreqeld.core.qtypes import QType, qtype
-from apreqeld.errors import PlanError
+from apreqeld.errors import InputError, PlanError
 
 
 class ModelShape(Protocol):
@@ -80,3 +80,34 @@ def recipe_prediction(view: ModelShape, recipe: Mapping[str, str],
                          for t in weights) / len(view.sublayers)
         predicted[metric] = total
     return predicted
+
+
+def parse_tensor_type_file(text: str, tensors: Sequence[str], /, *, name: str = "recipe"
+                           ) -> dict[str, str]:
+    """The types a `llama-quantize --tensor-type-file` text gives `tensors`: one `pattern=type`
+    per line (blank lines and `#` comments skipped), the pattern lower-cased and searched in
+    the tensor name, the first matching line winning, as llama.cpp does; tensors no line
+    matches are left out (they get the base type)."""
+    rules: list[tuple[re.Pattern[str], str]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        pattern, sep, type_name = line.rpartition("=")
+        if not sep or not pattern or not type_name:
+            raise InputError(f"{name}:{number}: expected PATTERN=TYPE, got '{line}'")
+        try:
+            rules.append((re.compile(pattern.lower()), qtype(type_name).name))
+        except re.error as exc:
+            raise InputError(f"{name}:{number}: bad pattern '{pattern}' ({exc})") from None
+        except InputError as exc:
+            raise InputError(f"{name}:{number}: {exc}") from None
+    if not rules:
+        raise InputError(f"{name}: no PATTERN=TYPE line")
+    found = {}
+    for tensor in tensors:
+        for pattern, type_name in rules:
+            if pattern.search(tensor):
+                found[tensor] = type_name
+                break
+    return found
