@@ -14,7 +14,7 @@ from pathlib import Path
 
 from apreqeld.core.qtypes import AUTO_CANDIDATES, qtype
 from apreqeld.core.sensitivity import sensitivity_weights, size_weights, type_figures
-from apreqeld.core.targeting import Options, Predictor, aim, sublayer_options
+from apreqeld.core.targeting import Options, Predictor, aim, option_tables, sublayer_options
 from apreqeld.evidence.footprint import cached_footprint
 from apreqeld.evidence.measurement import interleaved_rounds, measure_types, uniform_gguf
 from apreqeld.evidence.protocol import Progress, Protocol, machine_fingerprint, no_progress
@@ -102,13 +102,15 @@ def aimed_recipes(view: ModelView, predictor_: Predictor, targets: Mapping[str, 
     below the target's predictions) that the predictor finds a recipe for; each aim asks for
     a footprint no larger, and latency and accuracy lower, than the target's."""
     options: Options = sublayer_options(view, list(predictor_.figures[accuracy]), parts=parts)
+    tables = option_tables(predictor_, options)
     fixed = {t.name: outside for t in view.outside if t.quantizable}
     aims = aims if aims is not None else default_aims(accuracy)
     found = []
     for name, recipe in targets.items():
         target = predictor_.predict(recipe)
         for minimize, margins in aims:
-            got = aim(predictor_, options, target, fixed, minimize=minimize, margins=margins)
+            got = aim(predictor_, options, target, fixed, minimize=minimize, margins=margins,
+                      tables=tables)
             if got is not None:
                 found.append((f"aimed at {name}: least {_short(minimize)}, "
                               + ", ".join(f"{_short(m)} -{x:.0%}" for m, x in margins.items()

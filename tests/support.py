@@ -22,6 +22,8 @@ from gguf import GGUFWriter
 from apreqeld import engine, workflow
 from apreqeld.build import build_gguf
 from apreqeld.core.plans import make_plan
+from apreqeld.core.qtypes import qtype
+from apreqeld.core.recipes import expected_types, tensor_recipe
 from apreqeld.evidence import measurement as measure
 from apreqeld.evidence.measurement import measure_types
 from apreqeld.evidence.protocol import Protocol
@@ -87,6 +89,13 @@ def device_profile(source_model: Path, workspace: Workspace, reference: Referenc
     """The tiny device profile: uniform q4_0 and q8_0 measured; their GGUFs are kept."""
     return measure_types(source_model, types=TINY_TYPES, protocol=PROTOCOL,
                          workspace=workspace, keep_models=True)
+
+
+def written_uniform(view: ModelView, type_name: str) -> dict[str, str]:
+    """The types llama.cpp writes for uniform `type_name` (outside tensors q8_0): each
+    quantizable tensor's type after the shape fallbacks."""
+    recipe = tensor_recipe(view, [qtype(type_name)] * len(view.sublayers), outside=qtype("q8_0"))
+    return {n: q for n, q in expected_types(view, recipe).items() if n in recipe}
 
 
 def uniform_path(workspace: Workspace, reference: Reference, type_name: str) -> Path:

@@ -18,7 +18,7 @@ from apreqeld.evidence.measurement import score_file
 from apreqeld.evidence.reference import Reference, ensure_reference
 from apreqeld.evidence.workspace import Workspace
 from apreqeld.gguf.view import ModelView, read_model
-from support import PROTOCOL
+from support import PROTOCOL, written_uniform
 
 TYPES = ("q8_0", "q5_0", "q4_0", "q4_K")  # q4_K falls back to q5_0 on 576-wide rows
 
@@ -43,12 +43,6 @@ def evidence(source_model: Path, source_view: ModelView, own_reference: Referenc
                            types=TYPES)
 
 
-def effective(view: ModelView, name: str) -> dict[str, str]:
-    recipe = tensor_recipe(view, [qtype(name)] * len(view.sublayers), outside=qtype("q8_0"))
-    by_name = {t.name: t for t in view.tensors}
-    return {n: by_name[n].type_as(qtype(q)).name for n, q in recipe.items()}
-
-
 def test_evidence_has_every_type_and_probe(evidence: dict, source_view: ModelView) -> None:
     assert set(evidence["uniform"]) == set(TYPES) == set(evidence["footprint"])
     sens = evidence["sensitivity"]
@@ -65,7 +59,7 @@ def test_predictor_reproduces_uniform_models_and_predicts_a_mix(
     reference = own_reference
     pred = predictor(source_view, evidence)
     for name in TYPES:
-        got = pred.predict(effective(source_view, name))
+        got = pred.predict(written_uniform(source_view, name))
         assert got["kld"] == pytest.approx(evidence["uniform"][name]["kld"])
         assert got["latency_ms"] == pytest.approx(evidence["uniform"][name]["latency_ms"])
         assert got["memory_bytes"] == evidence["uniform"][name]["memory_bytes"]
@@ -89,7 +83,7 @@ def test_predictor_reproduces_uniform_models_and_predicts_a_mix(
 def test_aimed_candidates_beat_their_target_as_predicted(evidence: dict,
                                                          source_view: ModelView) -> None:
     pred = predictor(source_view, evidence)
-    target = effective(source_view, "q5_0")
+    target = written_uniform(source_view, "q5_0")
     cands = P.add_aimed([], source_view, "0" * 64, pred, {"Q5_0": target}, outside="q8_0",
                         accuracy="kld")
     assert cands and all(c.label.startswith("aimed at Q5_0: ") for c in cands)

@@ -140,7 +140,9 @@ def overhead(gguf: Path, sock: Path, rounds: int, tokens: int, threads: int) -> 
             "ttft_delta_ms": med["daemon_ttft"] - med["direct_ttft"]}
 
 
-def swaps(sock: Path, ids: dict[str, str], n: int) -> dict:
+def follow_swaps(sock: Path) -> tuple[list[dict], Client]:
+    """A list that a background thread fills with the daemon's swap_done events, and the
+    client whose event stream feeds it (close it to stop)."""
     events: list[dict] = []
     follower = Client(sock)
     stream = follower.events()
@@ -148,10 +150,15 @@ def swaps(sock: Path, ids: dict[str, str], n: int) -> dict:
     def follow() -> None:
         try:
             events.extend(e for e in stream if e["kind"] == "swap_done")
-        except DaemonError:
+        except (DaemonError, OSError):
             pass
 
     threading.Thread(target=follow, daemon=True).start()
+    return events, follower
+
+
+def swaps(sock: Path, ids: dict[str, str], n: int) -> dict:
+    events, follower = follow_swaps(sock)
     stop_flag = threading.Event()
     outcomes = {"ok": 0, "failed": 0}
 
@@ -429,17 +436,7 @@ def side_by_side(plans: Path, state: Path, ids: dict[str, str], root: Path, thre
     follower = None
     try:
         server, port = start_llama_server(ggufs, root, threads)
-        events: list[dict] = []
-        follower = Client(sock)
-        stream = follower.events()
-
-        def follow() -> None:
-            try:
-                events.extend(e for e in stream if e["kind"] == "swap_done")
-            except (DaemonError, OSError):
-                pass
-
-        threading.Thread(target=follow, daemon=True).start()
+        events, follower = follow_swaps(sock)
         with Client(sock, timeout=HTTP_TIMEOUT) as c:  # both start on q4_0
             c.pin(ids["q4_0"], wait=True)
         current = ["q4_0"]

@@ -640,6 +640,8 @@ planset_app = typer.Typer(cls=_PlansetGroup, add_completion=False, help=(
 app.add_typer(planset_app, name="planset")
 StateDir = Annotated[Path | None, typer.Option(
     "--state-dir", help="where member GGUFs are built (default $APREQEL_HOME/state)")]
+ServingCtx = Annotated[int, typer.Option("--serving-ctx", help="context length the footprint "
+                                         "is measured with")]
 
 
 @planset_app.command("run")
@@ -662,8 +664,7 @@ def planset_run(
         calibration: Calibration = None, calibration_tokens: CalTokens = 2048,
         chunks: Chunks = None, ctx: Ctx = None, n_gen: NGen = None, reps: Reps = None,
         threads: Threads = None, gpu_layers: GpuLayers = None,
-        serving_ctx: Annotated[int, typer.Option("--serving-ctx", help="context length the "
-                                                 "footprint is measured with")] = 2048,
+        serving_ctx: ServingCtx = 2048,
         condition: Annotated[str | None, typer.Option(
             "--condition", help="re-time the existing members of -o under the machine's "
             "current condition (e.g. a power mode) and record it under this name")] = None,
@@ -754,8 +755,7 @@ def planset_recipes(
         accuracy: Annotated[str, typer.Option("--accuracy", help="'kld' or 'ppl'")] = "kld",
         chunks: Chunks = None, ctx: Ctx = None, n_gen: NGen = None, reps: Reps = None,
         threads: Threads = None, gpu_layers: GpuLayers = None,
-        serving_ctx: Annotated[int, typer.Option("--serving-ctx", help="context length the "
-                                                 "footprint is measured with")] = 2048,
+        serving_ctx: ServingCtx = 2048,
         state_dir: StateDir = None, workdir: Workdir = None) -> None:
     """Build and measure hand-written llama-quantize recipes as a plan set (every one is kept,
     front or not), e.g. to compare them with a planned set or serve them."""

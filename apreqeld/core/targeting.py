@@ -18,6 +18,7 @@ import numpy as np
 
 from apreqeld.core.qtypes import qtype
 from apreqeld.core.recipes import ModelShape
+from apreqeld.core.sensitivity import tensor_part
 from apreqeld.errors import PlanError
 
 
@@ -27,12 +28,6 @@ class Options:
 
     sublayers: tuple[str, ...]
     choices: tuple[tuple[dict[str, str], ...], ...]
-
-
-def part_of(tensor_name: str) -> str:
-    """`blk.3.ffn_down.weight` -> `ffn_down`."""
-    pieces = tensor_name.split(".")
-    return pieces[2] if len(pieces) > 2 else tensor_name
 
 
 def sublayer_options(view: ModelShape, types: Sequence[str], /, *,
@@ -45,7 +40,8 @@ def sublayer_options(view: ModelShape, types: Sequence[str], /, *,
         tensors = [t for t in s.tensors if t.quantizable]
         groups: dict[str, list] = {}
         for t in tensors:
-            groups.setdefault(part_of(t.name) if part_of(t.name) in parts else "", []).append(t)
+            part = tensor_part(t.name)
+            groups.setdefault(part if part in parts else "", []).append(t)
         accepted = [[q.name for q in ladder if all(t.type_as(q) == q for t in g)]
                     for g in groups.values()]
         if any(not a for a in accepted):
@@ -147,24 +143,31 @@ class Predictor:
         return out
 
 
+def option_tables(predictor: Predictor, options: Options, /) -> dict[str, np.ndarray]:
+    """Each metric's (S, O) table of option contributions, footprint_bytes included (exact
+    bytes + predicted overhead): computed once, shared by every aim at the same options."""
+    tables = {m: option_table(options, figures=predictor.figures[m], weights=predictor.weights[m])
+              for m in predictor.figures}
+    if "overhead_bytes" in tables:
+        tables["footprint_bytes"] = (option_table(options, bytes_of=predictor.bytes_of)
+                                     + tables["overhead_bytes"])
+    return tables
+
+
 def aim(predictor: Predictor, options: Options, target: Mapping[str, float],
         outside: Mapping[str, str], /, *, minimize: str = "kld",
-        margins: Mapping[str, float]) -> dict[str, str] | None:
+        margins: Mapping[str, float],
+        tables: Mapping[str, np.ndarray] | None = None) -> dict[str, str] | None:
     """The recipe (`outside` for the tensors outside the sublayers) with the least predicted
     `minimize` among those predicted at least `margins[m]` (a fraction) below the target in
-    every metric m (footprint_bytes, latency_ms, an accuracy); None when there is none."""
-    def table(metric: str) -> np.ndarray:
-        if metric == "footprint_bytes":
-            return (option_table(options, bytes_of=predictor.bytes_of)
-                    + table("overhead_bytes"))
-        return option_table(options, figures=predictor.figures[metric],
-                            weights=predictor.weights[metric])
-
+    every metric m (footprint_bytes, latency_ms, an accuracy); None when there is none.
+    `tables`: `option_tables(predictor, options)`, when several aims share them."""
+    tables = tables if tables is not None else option_tables(predictor, options)
     fixed = {"footprint_bytes": predictor.fixed_bytes + sum(
         predictor.bytes_of[t][q] for t, q in outside.items())}
     limit = {m: target[m] * (1 - margins.get(m, 0.0)) for m in margins}
     constrained = [m for m in limit if m != minimize]
-    pick = allocate(table(minimize), [table(m) for m in constrained],
+    pick = allocate(tables[minimize], [tables[m] for m in constrained],
                     [limit[m] - fixed.get(m, 0.0) for m in constrained])
     if pick is None:
         return None

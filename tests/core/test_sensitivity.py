@@ -6,8 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apreqeld.core.qtypes import qtype
-from apreqeld.core.recipes import tensor_recipe
 from apreqeld.core.sensitivity import (
     part_probe_recipe,
     parts,
@@ -19,15 +17,9 @@ from apreqeld.core.sensitivity import (
 )
 from apreqeld.errors import PlanError
 from apreqeld.gguf.view import ModelView
+from support import written_uniform
 
 UNIFORM_KLD = {"q8_0": 0.004, "q5_0": 0.08, "q4_0": 0.28, "q4_K": 0.07, "q3_K": 0.41}
-
-
-def uniform_recipe(view: ModelView, name: str) -> dict[str, str]:
-    """What llama.cpp writes for a uniform `name`: each tensor's effective type."""
-    recipe = tensor_recipe(view, [qtype(name)] * len(view.sublayers), outside=qtype("q8_0"))
-    by_name = {t.name: t for t in view.tensors}
-    return {n: by_name[n].type_as(qtype(q)).name for n, q in recipe.items()}
 
 
 def sensitivities(view: ModelView) -> list[float]:
@@ -39,7 +31,7 @@ def test_figures_reproduce_every_uniform_model_with_fallbacks(source_view: Model
                                   {"attn_v": 0.08, "ffn_down": 0.1, "attn_q": 0.015})
     figures = type_figures(source_view, UNIFORM_KLD, weights)
     for name, value in UNIFORM_KLD.items():
-        assert predict(uniform_recipe(source_view, name), figures, weights) == pytest.approx(value)
+        assert predict(written_uniform(source_view, name), figures, weights) == pytest.approx(value)
     # q4_K is written only on ffn_down (rows of 1536), q5_0 elsewhere: its figure is what the
     # ffn_down tensors must carry for the uniform model to come out as measured
     down = sum(w for t, w in weights.items() if ".ffn_down." in t)
