@@ -408,7 +408,7 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
     protected = parse_protect(protect, view)
     state_dir = Path(state_dir) if state_dir else workspace.root / "state"
     sha = workspace.sha256(source)
-    steps = 6.0
+    steps = 7.0  # uniform types, layer profile, vectors, presets, aim, build+measure (2)
 
     def stage(k: float, what: str) -> Progress:
         return lambda w, f: progress(f"{what}: {w}", (k + min(max(f, 0), 1)) / steps)
@@ -424,7 +424,7 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
     reference = ensure_reference(source, workspace=workspace, protocol=protocol)
     probes = {}
     for k, n in enumerate(preset_names):
-        progress(f"presets: trying {n}", (2 + (k + 1) / len(preset_names)) / steps)
+        progress(f"presets: trying {n}", (3 + (k + 1) / len(preset_names)) / steps)
         probes[n] = probe_preset(reference.path, n, view, workspace=workspace,
                                  model_sha256=sha, threads=protocol.threads)
     cands = add_presets(cands, probes, view, sha, dev["policy"]["outside_type"])
@@ -433,7 +433,7 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
         evidence = aiming_evidence(source, view, reference, outside=dev["policy"]["outside_type"],
                                    protocol=protocol, workspace=workspace,
                                    serving_ctx=serving_ctx,
-                                   progress=lambda w, f: progress(w, (2 + f) / steps))
+                                   progress=lambda w, f: progress(w, (4 + f) / steps))
         aim_predictor = predictor(view, evidence)
         cands = add_aimed(cands, view, sha, aim_predictor,
                           {n: p["recipe"] for n, p in probes.items() if p["applies"]},
@@ -447,7 +447,7 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
     members, baseline = measure_candidates(
         view, sha, cands, reference, workspace=workspace, protocol=protocol,
         serving_ctx=serving_ctx, state_dir=state_dir, previous=_previous_conditions(out_dir),
-        progress=lambda w, f: progress(w, (3 + 2 * f) / steps))
+        progress=lambda w, f: progress(w, (5 + 2 * f) / steps))
     members = with_front(members, accuracy)
     if aim_record is not None:
         aim_record["predictions"] = aim_predictions(aim_predictor, members, accuracy)

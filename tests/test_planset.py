@@ -163,11 +163,15 @@ def tiny_planset(source_model: Path, workspace: Workspace, reference: Reference,
         calls["footprint"].append(Path(path).name)
         return real["footprint"](path, **kw)
 
+    fractions: list = []
+
     def run() -> PlanSet:
+        fractions.clear()
         return P.run_planset(source_model, out, workspace=workspace, protocol=PROTOCOL,
                              types=PLANSET_TYPES, step=0.5, paper=False,
                              calibration_tokens=256, serving_ctx=256, state_dir=state,
-                             presets="none")  # presets: tests/test_presets.py
+                             presets="none",  # presets: tests/test_presets.py
+                             progress=lambda what, f: fractions.append((f, what)))
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(P, "measure_file", accuracy)
@@ -180,6 +184,7 @@ def tiny_planset(source_model: Path, workspace: Workspace, reference: Reference,
             v.clear()
         planset = run()
     return {"planset": planset, "out": out, "state": state, "first": first,
+            "fractions": list(fractions),
             "second": calls, "written_after_interrupt": written_after_interrupt}
 
 
@@ -192,6 +197,12 @@ def test_interrupted_run_resumes_without_measuring_twice(tiny_planset: dict) -> 
     planset = tiny_planset["planset"]
     measured_files = set(first["footprint"]) | set(second["footprint"])
     assert {member_filename(planset, m) for m in planset.members} == measured_files
+
+
+def test_progress_only_moves_forward(tiny_planset: dict) -> None:
+    fractions = [f for f, _ in tiny_planset["fractions"]]
+    assert fractions and all(0 <= f <= 1 for f in fractions)
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
 
 
 def test_manifest_and_recipes(tiny_planset: dict) -> None:

@@ -45,15 +45,17 @@ REMEASURABLE = ("latency",)
 def measure_file(path: Path, /, *, protocol: Protocol, reference: Reference | None,
                  progress: Progress = no_progress, tokens: np.ndarray | None = None,
                  bounds: Bounds = BOUNDS, tries: int = LATENCY_TRIES) -> dict:
-    """Measure one GGUF: parameter bytes, ms per generated token, perplexity and KL divergence."""
+    """Measure one GGUF: parameter bytes, ms per generated token, perplexity and KL divergence;
+    `progress` gets one fraction for the whole measurement, never going back."""
     view = read_model(path)
     tokens = reference.tokens if reference is not None else tokens
     if tokens is None:
         raise InputError("no evaluation tokens: give a reference model or tokens")
     with engine.open_session(path, n_ctx=protocol.n_ctx, threads=protocol.threads,
                              gpu_layers=protocol.gpu_layers) as s:
-        scores = _score(s, tokens, reference, protocol, progress)
-        progress("latency", 0.0)
+        # one fraction for the whole file: scoring takes it to 0.9, timing the rest
+        scores = _score(s, tokens, reference, protocol, lambda w, f: progress(w, 0.9 * f))
+        progress("latency", 0.9)
         latency = time_latency(s, protocol=protocol, bounds=bounds, tries=tries)
     return {
         "memory_bytes": view.parameter_bytes,
