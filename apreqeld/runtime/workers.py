@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
@@ -52,17 +52,31 @@ def bad_files(planset: PlanSet, state_dir: Path) -> list[str]:
             if (path.exists() or path.is_symlink()) and (problem := file_problem(m, path))]
 
 
-@dataclass(eq=False)
 class Job:
-    """One accepted request: answered exactly once through `future`."""
+    """One accepted request: answered exactly once through `future`.
 
-    seq: int
-    kind: str  # "generate" or "chat"
-    params: dict
-    on_token: Callable[[str], None]
-    future: asyncio.Future
-    accepted: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
+    Front doors set `job.cancelled = True` when their client goes away (or asks to cancel);
+    the worker serving it is told at once.
+    """
+
+    def __init__(self, seq: int, kind: str, params: dict, on_token: Callable[[str], None],
+                 future: asyncio.Future) -> None:
+        self.seq, self.kind, self.params, self.on_token = seq, kind, params, on_token
+        self.future = future
+        self.accepted = time.monotonic()
+        self._cancelled = False
+        self._on_cancel: Callable[[], None] | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    @cancelled.setter
+    def cancelled(self, value: bool) -> None:
+        if value and not self._cancelled:
+            self._cancelled = True
+            if self._on_cancel is not None:
+                self._on_cancel()
 
     def answer(self, result: dict | None = None, *, error: DaemonError | None = None) -> bool:
         """Resolve once; False when it was already answered."""
@@ -82,7 +96,11 @@ class Spawn:
     n_ctx: int
     threads: int
     gpu_layers: int = 0
-    timeout_s: float = 120.0
+    timeout_s: float = 120.0  # load and warm-up
+    stall_s: float = 60.0  # a request whose worker says nothing this long: the worker is killed
+
+
+INBOX = 256  # worker messages decoded and not yet consumed; beyond, the socket is not read
 
 
 class Worker:
@@ -97,7 +115,8 @@ class Worker:
         self.load_ms = 0.0
         self.stopping = False
         self.started = time.monotonic()
-        self._inbox: asyncio.Queue = asyncio.Queue()
+        self.stall_s = 60.0
+        self._inbox: asyncio.Queue = asyncio.Queue(maxsize=INBOX)
         self._pump: asyncio.Task | None = None
 
     @property
@@ -110,18 +129,28 @@ class Worker:
 
     @classmethod
     async def start(cls, plan: str, path: Path, spawn: Spawn) -> Worker:
-        """Start a worker on `path` and wait until it has loaded and warmed up."""
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        """Start a worker on `path` and wait until it has loaded and warmed up; a process that
+        cannot be started (fork, pipes, fds) is a DaemonError like a failed load."""
+        try:
+            parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise DaemonError(f"cannot start a worker for {plan}: {exc}",
+                              code=wire.UNAVAILABLE) from None
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "apreqeld.runtime.worker", "--fd", str(child.fileno()),
                 "--model", str(path), "--plan", plan, "--n-ctx", str(spawn.n_ctx),
                 "--threads", str(spawn.threads), "--gpu-layers", str(spawn.gpu_layers),
                 pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL)
+        except OSError as exc:
+            parent.close()
+            raise DaemonError(f"cannot start a worker for {plan}: {exc}",
+                              code=wire.UNAVAILABLE) from None
         finally:
             child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         worker = cls(plan, path, proc, reader, writer)
+        worker.stall_s = spawn.stall_s
         worker._pump = asyncio.create_task(worker._read_loop())
         try:
             first = await asyncio.wait_for(worker._inbox.get(), spawn.timeout_s)
@@ -129,6 +158,12 @@ class Worker:
             await worker.stop()
             raise DaemonError(f"worker for {plan} did not load within {spawn.timeout_s:g} s",
                               code=wire.UNAVAILABLE) from None
+        except asyncio.CancelledError:  # nobody will own it: it must not outlive the start
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            worker.writer.close()
+            worker._pump.cancel()
+            raise
         if first.get("t") != "ready":
             await worker.stop()
             detail = first.get("message") or f"exited with code {proc.returncode}"
@@ -152,8 +187,9 @@ class Worker:
     def _send(self, message: dict) -> None:
         self.writer.write(msgpack.packb(message, use_bin_type=True))
 
-    async def run(self, job: Job) -> dict:
-        """Generate for `job`, streaming tokens to it; the final response (text, usage)."""
+    async def run(self, job: Job, on_message: Callable[[], None] = lambda: None) -> dict:
+        """Generate for `job`, streaming tokens to it; the final response (text, usage).
+        A cancel reaches the worker at once; a worker silent for `stall_s` is killed."""
         if not self.alive:
             raise DaemonError(f"the worker for {self.plan} is not running",
                               code=wire.WORKER_FAILED)
@@ -164,28 +200,46 @@ class Worker:
         except (ConnectionError, OSError):
             raise DaemonError(f"the worker for {self.plan} went away",
                               code=wire.WORKER_FAILED) from None
+        job._on_cancel = self._wake
         cancel_sent = False
-        while True:
-            if job.cancelled and not cancel_sent:
-                with contextlib.suppress(ConnectionError, OSError):
-                    self._send({"t": "cancel"})
-                cancel_sent = True
-            message = await self._inbox.get()
-            kind = message.get("t")
-            if kind == "tok" and message.get("id") == job.seq:
-                pieces.append(message["text"])
-                if not job.cancelled:
-                    job.on_token(message["text"])
-            elif kind == "done" and message.get("id") == job.seq:
-                return {"text": "".join(pieces), "finish": message.get("finish"),
-                        "usage": message.get("usage", {})}
-            elif kind == "fail" and message.get("id") == job.seq:
-                raise DaemonError(f"generation failed on {self.plan}: {message.get('message')}",
-                                  code=wire.FAILED)
-            elif kind == "eof":
-                await self._inbox.put(message)  # later readers see the end too
-                raise DaemonError(f"the worker serving {self.plan} died during the request",
-                                  code=wire.WORKER_FAILED)
+        try:
+            while True:
+                if job.cancelled and not cancel_sent:
+                    with contextlib.suppress(ConnectionError, OSError):
+                        self._send({"t": "cancel"})
+                    cancel_sent = True
+                try:
+                    message = await asyncio.wait_for(self._inbox.get(), self.stall_s)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        self.proc.kill()
+                    raise DaemonError(f"the worker serving {self.plan} said nothing for "
+                                      f"{self.stall_s:g} s and was killed",
+                                      code=wire.WORKER_FAILED) from None
+                on_message()
+                kind = message.get("t")
+                if kind == "tok" and message.get("id") == job.seq:
+                    pieces.append(message["text"])
+                    if not job.cancelled:
+                        job.on_token(message["text"])
+                elif kind == "done" and message.get("id") == job.seq:
+                    return {"text": "".join(pieces), "finish": message.get("finish"),
+                            "usage": message.get("usage", {})}
+                elif kind == "fail" and message.get("id") == job.seq:
+                    raise DaemonError(f"generation failed on {self.plan}: "
+                                      f"{message.get('message')}", code=wire.FAILED)
+                elif kind == "eof":
+                    with contextlib.suppress(asyncio.QueueFull):
+                        self._inbox.put_nowait(message)  # later readers see the end too
+                    raise DaemonError(f"the worker serving {self.plan} died during the "
+                                      "request", code=wire.WORKER_FAILED)
+        finally:
+            job._on_cancel = None
+
+    def _wake(self) -> None:
+        """A cancel arrived: wake run() (a full inbox wakes it anyway)."""
+        with contextlib.suppress(asyncio.QueueFull):
+            self._inbox.put_nowait({"t": "wake"})
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Ask the worker to exit; kill it if it does not within `timeout`."""

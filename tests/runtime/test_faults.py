@@ -168,9 +168,13 @@ def test_bad_gguf_and_bad_manifest_are_refused(tiny_plans, tmp_path) -> None:
             with q8.open("r+b") as f:
                 f.seek(q8.stat().st_size // 2)
                 f.write(b"\xff" * 4096)
-            c.pin(ids["q8_0"], wait=True)
+            with pytest.raises(DaemonError, match="the pin is cleared") as err:
+                c.pin(ids["q8_0"], wait=True)  # a failed pin is reported and cleared
+            assert err.value.code == "unavailable" and "different sha256" in str(err.value)
             outcomes["wrong sha256 (pin)"] = events.wait_for("file_rejected")[0]["reason"]
-            assert c.status()["plan"] == ids["q4_0"]
+            status = c.status()
+            assert status["plan"] == ids["q4_0"] and status["pinned"] is None
+            assert events.wait_for("pin_cleared")[0]["plan"] == ids["q8_0"]
             c.unpin(wait=True)
             for case in ("wrong sha256 (reload)", "truncated", "manifest sha wrong",
                          "invalid JSON"):
@@ -222,9 +226,10 @@ def test_a_full_state_dir_refuses_the_member_and_keeps_serving(tiny_plans, tmp_p
                          str(state), env={"APREQEL_HOME": str(tiny_plans.plans_dir.parent
                                                               / "work")})
         with Client(d.socket, timeout=120) as c:
-            c.pin(ids["q8_0"], wait=True)
+            with pytest.raises(DaemonError, match="cannot materialize"):
+                c.pin(ids["q8_0"], wait=True)
             status = c.status()
-            assert status["plan"] == ids["q4_0"]
+            assert status["plan"] == ids["q4_0"] and status["pinned"] is None
             assert c.generate("Hi", max_tokens=2)["plan"] == ids["q4_0"]
         failed = [line for line in d.stderr().splitlines() if "swap_failed" in line]
         assert failed and "cannot materialize" in failed[-1], d.stderr()[-2000:]
