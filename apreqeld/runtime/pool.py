@@ -105,9 +105,23 @@ class WorkerPool:
             self._serving = worker.plan
         return old
 
+    def reap(self, worker: Worker | None) -> None:
+        """A worker found dead that nobody asked to stop: one failure of its member, counted
+        once (by whoever sees it first: its watcher, a restart, a stop)."""
+        if worker is None or worker.alive or worker.stopping or worker.reported or self.closing:
+            return
+        worker.reported = True
+        code = worker.proc.returncode
+        self._emit("worker_died", plan=worker.plan, pid=worker.pid, code=code)
+        self.failed(worker.plan, "the worker was killed after stalling" if worker.killed
+                    else "the worker died" if code is None
+                    else f"the worker exited with code {code}")
+        self.workers.discard(worker)
+
     async def stop(self, worker: Worker | None) -> None:
         if worker is None:
             return
+        self.reap(worker)
         self.workers.discard(worker)
         if worker is self.active:
             self.active = None
@@ -127,11 +141,12 @@ class WorkerPool:
             await worker.proc.wait()
             if worker.stopping or self.closing:
                 return
-            code = worker.proc.returncode
-            self._emit("worker_died", plan=worker.plan, pid=worker.pid, code=code)
-            self.failed(worker.plan, f"the worker exited with code {code}")
-            self.workers.discard(worker)
-            self._on_death(worker)
+            try:
+                self.reap(worker)
+                self._on_death(worker)
+            except Exception as exc:  # noqa: BLE001 - a watcher must not fail unseen
+                self._emit("task_failed", task=f"watch {worker.pid}", reason=repr(exc),
+                           restart=False)
 
     def describe(self) -> list[dict]:
         return [w.describe() for w in self.workers]

@@ -17,15 +17,16 @@ PROBE_TIMEOUT_S = 2.0
 
 
 def secure_dir(folder: Path, /, *, euid: int | None = None) -> None:
-    """Create `folder` (mode 0750) where missing, then check it and every folder above it:
-    each must be owned by root or `euid`, and none writable by group or others, except an
-    ancestor with the sticky bit (/tmp). InputError says which folder and why."""
+    """Check `folder` and every folder above it, creating the missing ones (mode 0750) only
+    below a checked one: each must be owned by root or `euid`, and none writable by group or
+    others, except an ancestor with the sticky bit (/tmp). InputError says which and why."""
     euid = os.geteuid() if euid is None else euid
     missing = []
     p = Path(folder)
     while not p.exists() and not p.is_symlink():
         missing.append(p)
         p = p.parent
+    _check_chain(p, euid, final=not missing)
     for d in reversed(missing):
         try:
             os.mkdir(d, DIR_MODE)
@@ -33,6 +34,10 @@ def secure_dir(folder: Path, /, *, euid: int | None = None) -> None:
             pass  # made meanwhile by someone: checked below like any other
         except OSError as exc:
             raise InputError(f"cannot create {d}: {exc.strerror}") from None
+    _check_chain(Path(folder), euid, final=True)
+
+
+def _check_chain(folder: Path, euid: int, *, final: bool) -> None:
     real = Path(os.path.realpath(folder))
     for d in [real, *real.parents]:
         try:
@@ -45,7 +50,7 @@ def secure_dir(folder: Path, /, *, euid: int | None = None) -> None:
             raise InputError(f"refusing the socket folder {d}: owned by uid {st.st_uid}, not "
                              f"by this user ({euid}) or root")
         writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if writable and (d == real or not st.st_mode & stat.S_ISVTX):
+        if writable and ((final and d == real) or not st.st_mode & stat.S_ISVTX):
             who = "others" if st.st_mode & stat.S_IWOTH else "its group"
             raise InputError(f"refusing the socket folder {d}: writable by {who} "
                              f"(mode {stat.S_IMODE(st.st_mode):04o})")

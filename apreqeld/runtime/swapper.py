@@ -148,6 +148,7 @@ class Swapper:
     async def _restart(self) -> bool:
         """Start the dead serving worker's plan again (or the best one still available)."""
         dead = self.pool.active
+        self.pool.reap(dead)  # its failure counts before the backoff is looked at
         plan = self._restart_plan(dead.plan if dead is not None else self.target)
         if plan is None:
             if not self._unavailable:

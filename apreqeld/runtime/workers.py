@@ -113,7 +113,9 @@ class Worker:
         self.unpacker = msgpack.Unpacker(raw=False)
         self.rss = 0
         self.load_ms = 0.0
-        self.stopping = False
+        self.stopping = False  # stop() was asked: its exit is no failure
+        self.killed = False  # killed for stalling: dead from now on, whatever the kernel says
+        self.reported = False  # its unasked death was counted (once)
         self.started = time.monotonic()
         self.stall_s = 60.0
         self._inbox: asyncio.Queue = asyncio.Queue(maxsize=INBOX)
@@ -125,7 +127,8 @@ class Worker:
 
     @property
     def alive(self) -> bool:
-        return self.proc.returncode is None and not (self._pump and self._pump.done())
+        return (not self.killed and self.proc.returncode is None
+                and not (self._pump and self._pump.done()))
 
     @classmethod
     async def start(cls, plan: str, path: Path, spawn: Spawn) -> Worker:
@@ -211,6 +214,7 @@ class Worker:
                 try:
                     message = await asyncio.wait_for(self._inbox.get(), self.stall_s)
                 except TimeoutError:
+                    self.killed = True
                     with contextlib.suppress(ProcessLookupError):
                         self.proc.kill()
                     raise DaemonError(f"the worker serving {self.plan} said nothing for "

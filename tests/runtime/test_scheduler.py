@@ -91,7 +91,7 @@ class FakeWorker:
         self.proc = FakeProc()
         self.pid = self.proc.pid
         self.rss = 0
-        self.stopping = False
+        self.stopping = self.killed = self.reported = False
 
     @property
     def alive(self) -> bool:
