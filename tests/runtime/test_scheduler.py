@@ -632,3 +632,34 @@ def test_start_falls_back_to_another_plan_when_the_first_cannot_load(tmp_path: P
             await scheduler(tmp_path, farm).start()
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_reloads_do_not_pile_up_background_tasks(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = scheduler(tmp_path, Farm())
+        await s.start()
+        for _ in range(20):
+            await s.reload(PLANSET, wait=True)
+        assert len(s.supervisor.running()) <= 3  # dispatcher, swapper, at most one prefetch
+        assert set(s.supervisor.running()) <= {"dispatcher", "swapper", "prefetch"}
+        await s.shutdown(1)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_status_counts_one_budget(tmp_path: Path) -> None:
+    async def main() -> None:
+        source = FakeSource(1024)
+        s = scheduler(tmp_path, Farm(), monitor=source, reserve_bytes=256 * MIB)
+        await s.start()
+        status = s.status()
+        priority = await s.set_priority(priority_from("memory"))
+        monitor = s.tick()
+        expected = 1024 * MIB + 100 * MIB - 256 * MIB  # free + the serving one - the reserve
+        assert status["budget_bytes"] == priority["decision"]["budget_bytes"] == \
+            monitor.decision.budget_bytes == expected
+        await s.shutdown(1)
+
+    asyncio.run(main())
