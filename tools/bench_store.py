@@ -5,9 +5,10 @@ Run: .venv/bin/python tools/bench_store.py [--plans plans/smollm2-135m] [--membe
                                            [--threads 2] [--requests 8] [--tokens 32]
                                            [--sections materialize,memory,serve]
 In an empty work dir (the F16 reference made once, or taken from $APREQEL_HOME):
-  materialize  the front (or its first --members members), cold: (a) built as today's
-               `materialize` built it, one llama.cpp quantization of the reference per
-               member (build_gguf), against (b) the shard store filled from empty and every
+  materialize  the front (or its first --members members), cold: (a) built as
+               `materialize` built it before the store, one llama.cpp quantization of the
+               reference per member (build_gguf) and its sha256 checked against the
+               manifest, against (b) the shard store filled from empty and every
                member linked; then one member assembled from the filled store (median of
                every front member, its links made again); the number of llama.cpp
                quantizations of each (whole models; tensors as model equivalents); disk of
@@ -51,7 +52,7 @@ from apreqeld.errors import DaemonError
 from apreqeld.evidence.reference import reference_file
 from apreqeld.evidence.workspace import Workspace
 from apreqeld.gguf.split import split_files
-from apreqeld.gguf.view import read_model
+from apreqeld.gguf.view import file_sha256, read_model
 from apreqeld.manifest import Member, PlanSet, load_planset, member_shards
 from apreqeld.planset import find_source, materialize, member_plan
 from apreqeld.store.shards import Assembly
@@ -82,9 +83,11 @@ def materialize_section(planset: PlanSet, members: list[Member], work: Path,
     folder.mkdir()
     q0 = engine.QUANTIZED["models"]
     t0 = time.perf_counter()
+    mismatched = 0
     for k, m in enumerate(members):
         plan = member_plan(view, planset.model.sha256, m.recipe, m.base_type)
         singles[m.id] = build_gguf(plan, ref, folder / f"{m.id}.gguf", threads=threads)
+        mismatched += file_sha256(singles[m.id]) != m.file_sha256  # as materialize checked
         print(f"  single file {k + 1}/{len(members)}: {m.id} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     old_s = time.perf_counter() - t0
@@ -127,6 +130,7 @@ def materialize_section(planset: PlanSet, members: list[Member], work: Path,
                                                for m in planset.members) / MIB, 1),
         "disk_all_store_mib": round(du(ws.state_dir) / MIB, 1),
         "materialize_the_rest_s": round(all_s, 1),
+        "single_files_unlike_the_manifest": mismatched,
         "tensors_byte_identical": same_tensors,
         "greedy_tokens_and_logits_identical": f"{sum(same_output)}/{len(same_output)}",
     }

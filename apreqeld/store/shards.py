@@ -103,11 +103,16 @@ class ShardStore:
             check_private(folder, what)
         for sub in ("shards", "sources", "sets", "tmp"):
             (self.root / sub).mkdir(exist_ok=True)
+        self._shards = str(self.root / "shards")
 
     # ------------------------------------------------------------------ shards
 
     def shard_path(self, sha: str) -> Path:
-        return self.root / "shards" / sha[:2] / f"{sha}.gguf"
+        return Path(self._shard(sha))
+
+    def _shard(self, sha: str) -> str:
+        """shard_path as a string: the checks below run per shard, pathlib's cost shows."""
+        return f"{self._shards}/{sha[:2]}/{sha}.gguf"
 
     def add(self, data: bytes, /) -> str:
         """Store `data` as a shard (temp file, then rename; read-only, stamped); its sha256."""
@@ -131,31 +136,31 @@ class ShardStore:
     def has(self, sha: str, /, *, deep: bool = False) -> bool:
         """Whether the shard is here and intact: its stamp unchanged (a stat), or, when the
         stamp changed or `deep`, its sha256 recomputed. A corrupt shard is removed."""
-        path = self.shard_path(sha)
+        return self._probe(sha, deep) == "ok"
+
+    def _probe(self, sha: str, deep: bool) -> str:
+        """'ok', 'missing', or 'corrupt' (then removed)."""
+        where = self._shard(sha)
         try:
-            st = path.stat()
+            st = os.stat(where)
         except FileNotFoundError:
-            return False
+            return "missing"
         if not deep and stat.S_ISREG(st.st_mode) and st.st_mtime_ns == _stamp_ns(sha):
-            return True
-        if file_sha256(path) == sha:
+            return "ok"
+        if file_sha256(Path(where)) == sha:
             with contextlib.suppress(OSError):
-                os.utime(path, ns=(_stamp_ns(sha), _stamp_ns(sha)))
-            return True
-        path.unlink(missing_ok=True)
-        return False
+                os.utime(where, ns=(_stamp_ns(sha), _stamp_ns(sha)))
+            return "ok"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(where)
+        return "corrupt"
 
     def check(self, shas: Iterable[str], /, *, deep: bool = False) -> tuple[list[str], list[str]]:
         """(missing, corrupt) among `shas`: corrupt ones failed their sha256 and are removed,
         so they are missing too."""
-        missing, corrupt = [], []
-        for sha in dict.fromkeys(shas):
-            existed = self.shard_path(sha).exists()
-            if not self.has(sha, deep=deep):
-                missing.append(sha)
-                if existed:
-                    corrupt.append(sha)
-        return missing, corrupt
+        found = {sha: self._probe(sha, deep) for sha in dict.fromkeys(shas)}
+        return ([s for s, v in found.items() if v != "ok"],
+                [s for s, v in found.items() if v == "corrupt"])
 
     def verify(self) -> list[str]:
         """Hash every shard again; the sha256s of those that failed (now removed)."""
@@ -188,11 +193,13 @@ class ShardStore:
         folder = first.parent
         if self._links_right(folder, assembly):
             return first
-        tmp = Path(tempfile.mkdtemp(dir=self.members, prefix=f".{folder.name}-"))
+        tmp = tempfile.mkdtemp(dir=self.members, prefix=f".{folder.name}-")
         try:
-            for no, sha in enumerate(assembly.shards):
-                link = split_path(tmp / folder.name, no, assembly.count)
-                os.symlink(os.path.relpath(self.shard_path(sha), folder), link)
+            # links relative to the member folder (members/<name>/ beside store/), so that a
+            # state dir can be moved
+            for link, sha in zip(self._link_names(tmp, folder.name, assembly.count),
+                                 assembly.shards, strict=True):
+                os.symlink(f"../../store/shards/{sha[:2]}/{sha}.gguf", link)
             os.chmod(tmp, 0o755 & ~process_umask())
             with self._lock(fcntl.LOCK_EX):
                 if folder.exists() and not self._links_right(folder, assembly):
@@ -205,22 +212,20 @@ class ShardStore:
             raise InputError(f"could not assemble {folder}")
         return first
 
+    @staticmethod
+    def _link_names(folder: str | Path, name: str, count: int) -> list[str]:
+        return [f"{folder}/{name}-{no + 1:05d}-of-{count:05d}.gguf" for no in range(count)]
+
     def _links_right(self, folder: Path, assembly: Assembly) -> bool:
-        if not folder.is_dir():
-            return False
         try:
-            names = sorted(os.listdir(folder))
+            if len(os.listdir(folder)) != assembly.count:
+                return False
+            for link, sha in zip(self._link_names(folder, folder.name, assembly.count),
+                                 assembly.shards, strict=True):
+                if not os.readlink(link).endswith(f"/{sha}.gguf"):
+                    return False
         except OSError:
             return False
-        if len(names) != assembly.count:
-            return False
-        for no, sha in enumerate(assembly.shards):
-            link = split_path(folder / folder.name, no, assembly.count)
-            try:
-                if Path(os.readlink(link)).name != f"{sha}.gguf":
-                    return False
-            except OSError:
-                return False
         return True
 
     # ------------------------------------------------------------------ the build index
