@@ -47,6 +47,9 @@ Workdir = Annotated[Path | None, typer.Option(
     "--workdir", help="cache of references and measurements (default $APREQEL_HOME or "
     "~/.cache/apreqel)")]
 Json = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]
+StateDir = Annotated[Path | None, typer.Option(
+    "--state-dir", help="where the shard store is and members are linked (default "
+    "$APREQEL_HOME/state)")]
 # Measurement options default to None: the Protocol's defaults apply, and a given one is known.
 Chunks = Annotated[int | None, typer.Option(
     "--chunks", help=f"perplexity chunks of --ctx tokens (default {Protocol.chunks})")]
@@ -602,10 +605,7 @@ def cache(clear: Annotated[bool, typer.Option(
           verify: Annotated[bool, typer.Option(
               "--verify", help="hash every shard again; corrupt ones are removed (materialize "
               "rebuilds them)")] = False,
-          state_dir: Annotated[Path | None, typer.Option(
-              "--state-dir", help="state dir of the shard store (default "
-              "$APREQEL_HOME/state)")] = None,
-          workdir: Workdir = None, json_: Json = False) -> None:
+          state_dir: StateDir = None, workdir: Workdir = None, json_: Json = False) -> None:
     """What the work directory and the shard store hold; --clear, --prune, --verify."""
     workspace = Workspace(workdir, state_dir=state_dir)
     if clear:
@@ -681,9 +681,6 @@ planset_app = typer.Typer(cls=_PlansetGroup, add_completion=False, help=(
     "LABEL=FILE... -o plans/NAME` measures hand-written llama-quantize recipes as one; "
     "`apreqel planset materialize plans/NAME` rebuilds its GGUFs byte for byte."))
 app.add_typer(planset_app, name="planset")
-StateDir = Annotated[Path | None, typer.Option(
-    "--state-dir", help="where the shard store is and members are linked (default "
-    "$APREQEL_HOME/state)")]
 ServingCtx = Annotated[int, typer.Option("--serving-ctx", help="context length the footprint "
                                          "is measured with")]
 
