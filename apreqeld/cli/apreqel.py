@@ -628,11 +628,11 @@ def cache(clear: Annotated[bool, typer.Option(
     table.add_row("total", str(sum(n for n, _ in usage.values()) + shards["shards"]),
                   _mib(sum(b for _, b in usage.values()) + shards["bytes"]))
     out.print(table)
-    sets = Table("plan set", "manifest", "shards", "MiB", title=f"shard store {shards['root']}: "
-                 f"{shards['members']} members linked")
+    sets = Table("plan set", "manifest", "shards here / used", "MiB",
+                 title=f"shard store {shards['root']}: {shards['members']} members linked")
     for r in shards["plansets"]:
         sets.add_row(r["name"], r["manifest"] + (" (gone)" if r["stale"] else ""),
-                     str(r["shards"]), _mib(r["bytes"]))
+                     f"{r['present']} / {r['shards']}", _mib(r["bytes"]))
     sets.add_row("unused", "", str(shards["unused_shards"]), _mib(shards["unused_bytes"]))
     out.print(sets)
     if pruned is not None:

@@ -324,6 +324,7 @@ class ShardStore:
                 "members": len(members),
                 "plansets": [{"name": r["name"], "manifest": r["manifest"], "stale": r["stale"],
                               "shards": len(r["shards"]),
+                              "present": sum(s in shards for s in r["shards"]),
                               "bytes": sum(shards.get(s, 0) for s in r["shards"])}
                              for r in sets],
                 "unused_shards": len(set(shards) - used),
