@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from apreqeld.core.qtypes import effective_type, from_ggml, qtype, quantizable
 from apreqeld.errors import InputError, PlanError
 from apreqeld.gguf.split import (
     FILE_TYPE,
+    Header,
     TensorInfo,
     metadata_split_bytes,
     read_header,
@@ -54,7 +56,8 @@ def fill(store: ShardStore, reference: Path, source_sha256: str,
     quantizes, are taken as the reference stores them. With `expected` (a plan set's table),
     a shard that comes out different is an error: another llama.cpp build or reference."""
     started = time.monotonic()
-    header = read_header(reference)
+    st = Path(reference).stat()
+    header = _header(str(Path(reference).resolve()), st.st_size, st.st_mtime_ns)
     order = [t.name for t in header.tensors]
     total, count = len(order), len(order) + 1
     infos = {t.name: t for t in header.tensors}
@@ -155,6 +158,12 @@ def fill(store: ShardStore, reference: Path, source_sha256: str,
         _check_expected(table, expected)
     return Filled(table, stats["quantized"], stats["copied"], reused, stats["bytes"],
                   time.monotonic() - started)
+
+
+@lru_cache(maxsize=8)
+def _header(path: str, _size: int, _mtime_ns: int) -> Header:
+    """The reference's header, parsed once per file version (a tokenizer takes ~0.1 s)."""
+    return read_header(path)
 
 
 def _tensor_bytes(data: np.memmap, info: TensorInfo) -> np.ndarray:
