@@ -116,7 +116,7 @@ class DaemonConfig(BaseModel):
                                     "members may control the daemon, besides root and the "
                                     "service user")
     http: str | None = Field(default_factory=lambda: os.environ.get(HTTP_ENV) or None,
-                             description="OpenAI-compatible HTTP listener: "
+                             validate_default=True, description="OpenAI-compatible HTTP listener: "
                              "HOST:PORT, PORT (127.0.0.1) or unix:PATH; off when unset")
     http_token_file: Path | None = Field(
         default=None, validate_default=True,

@@ -171,3 +171,15 @@ def test_http_off_loopback_needs_a_token_file() -> None:
         load_config(None, plans="p", http="example.com:80")
     with pytest.raises(InputError, match="the port must be 0 to 65535"):
         load_config(None, plans="p", http="127.0.0.1:70000")
+
+
+def test_http_env_is_the_default(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("APREQELD_HTTP", "8080")
+    assert load_config(None, plans="p").http == "127.0.0.1:8080"
+    file = tmp_path / "c.toml"
+    file.write_text('http = "unix:/run/h.sock"\nhttp_max_body_bytes = "64KiB"\n')
+    config = load_config(file, plans="p")  # the file, then flags, override the environment
+    assert (config.http, config.http_max_body_bytes) == ("unix:/run/h.sock", 65536)
+    assert load_config(file, plans="p", http="9").http == "127.0.0.1:9"
+    monkeypatch.delenv("APREQELD_HTTP")
+    assert load_config(None, plans="p").http is None
