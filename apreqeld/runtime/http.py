@@ -21,6 +21,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -119,7 +120,8 @@ class HttpFrontDoor:
                 self.url = f"http://{a.host if ':' not in a.host else f'[{a.host}]'}:{port}"
         except OSError as exc:
             await self.stop()
-            raise InputError(f"cannot listen for HTTP on {a}: {exc.strerror or exc}") from None
+            why = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio rewords it
+            raise InputError(f"cannot listen for HTTP on {a}: {why}") from None
         print(f"apreqeld: HTTP on {self.url} (OpenAI API at {self.url}/v1"
               f"{', bearer token required' if self.token else ''})", file=sys.stderr,
               flush=True)

@@ -360,3 +360,35 @@ def test_off_loopback_without_a_token_is_refused(tmp_path) -> None:
     assert run.stderr == ("apreqeld: options: http_token_file: HTTP on 0.0.0.0:0 (not "
                           "loopback) needs a bearer-token file (--http-token-file); without "
                           "one, HTTP is loopback only\n")
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_finishes_http_streams_then_exits(daemon_factory) -> None:
+    d = daemon_factory("--priority", "memory", "--http", "127.0.0.1:0")
+    url = http_url(d)
+    conn, resp = post_stream(url, "/v1/completions", {"model": "tiny"} | LONG)
+    events = sse_events(resp)
+    next(events)
+    d.proc.send_signal(signal.SIGTERM)  # within the grace period: the stream ends normally
+    rest = list(events)
+    assert rest[-1] == (None, "[DONE]")
+    finish = json.loads(rest[-2][1])["choices"][0]["finish_reason"]
+    assert finish == "length"
+    conn.close()
+    assert d.proc.wait(30) == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port_of(url)), timeout=2)
+
+
+@pytest.mark.timeout(60)
+def test_a_busy_http_port_is_one_line(tiny_plans, tmp_path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        d = start_daemon(tiny_plans, tmp_path, "--http", f"127.0.0.1:{port}", wait=False)
+        assert d.proc.wait(60) == 1
+    lines = [line for line in d.stderr().splitlines() if not line.startswith("apreqeld: jtop")]
+    assert lines == [f"apreqeld: cannot listen for HTTP on 127.0.0.1:{port}: Address already "
+                     "in use"]
+    assert not d.socket.exists()
