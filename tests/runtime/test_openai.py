@@ -183,3 +183,34 @@ def test_http_env_is_the_default(monkeypatch: pytest.MonkeyPatch, tmp_path) -> N
     assert load_config(file, plans="p", http="9").http == "127.0.0.1:9"
     monkeypatch.delenv("APREQELD_HTTP")
     assert load_config(None, plans="p").http is None
+
+
+def test_a_stream_the_client_stops_reading_is_cut() -> None:
+    """A write that does not drain within http_timeout_s aborts the connection and cancels the
+    job (a real client cannot fill the kernel's buffers with a few hundred tokens)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from apreqeld.runtime.http import HttpFrontDoor
+    from apreqeld.runtime.metrics import Metrics
+
+    class Stalled:
+        async def write(self, data: bytes) -> None:
+            await asyncio.Event().wait()
+
+    class Gone:
+        async def write(self, data: bytes) -> None:
+            raise ConnectionResetError("reset by peer")
+
+    aborted = []
+    request = SimpleNamespace(transport=SimpleNamespace(abort=lambda: aborted.append(1)))
+    config = load_config(None, plans="p", http="127.0.0.1:0", http_timeout_s=0.05)
+    door = HttpFrontDoor(config, SimpleNamespace(), Metrics(SimpleNamespace()))
+
+    async def main() -> tuple:
+        slow, gone = SimpleNamespace(cancelled=False), SimpleNamespace(cancelled=False)
+        return (await door._send(request, slow, Stalled(), [b"data: x\n\n"]), slow.cancelled,
+                await door._send(request, gone, Gone(), [b"data: x\n\n"]), gone.cancelled)
+
+    assert asyncio.run(main()) == (False, True, False, True)
+    assert aborted == [1] and door.refused["slow"] == 1
