@@ -143,11 +143,74 @@ def quantize(src: Path, dst: Path, /, *, tensor_types: Mapping[str, str] | None 
     rc = ll.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise EngineError(f"llama.cpp could not quantize {src}: {_recent_log()}")
+    QUANTIZED["models"] += 1
     for line in reversed(_log_ring()):
         m = re.search(r"(\d+) of \d+ tensor\(s\) required fallback", line)
         if m:
             return int(m.group(1))
     return 0
+
+
+# How much this process has asked llama.cpp to quantize: whole models and single tensors.
+QUANTIZED: dict[str, int] = {"models": 0, "tensors": 0}
+_ROWS_PER_BLOCK_ELEMENTS = 1 << 22  # rows converted to f32 and quantized together (16 MiB)
+
+
+@cache
+def _quantizer():
+    """libggml's quantization entry points, typed by hand (llama-quant.cpp calls the same)."""
+    gg = _ggml()
+    gg.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.c_void_p]
+    gg.ggml_quantize_chunk.restype = ctypes.c_size_t
+    gg.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    gg.ggml_validate_row_data.restype = ctypes.c_bool
+    gg.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    gg.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    return gg
+
+
+def quantize_tensor(rows: np.ndarray, type_name: str, /, *, threads: int = 1) -> np.ndarray:
+    """One tensor quantized to `type_name` as llama-quantize quantizes it: llama.cpp's
+    ggml_quantize_chunk over blocks of rows (rows are quantized independently, so the bytes do
+    not depend on the blocking), each block validated with ggml_validate_row_data.
+
+    `rows` is (n_rows, n_per_row) in float16 or float32 (converted block by block, so memory
+    stays bounded); the result is the tensor's bytes (uint8)."""
+    q = qtype(type_name)
+    if rows.ndim != 2 or rows.dtype not in (np.float16, np.float32):
+        raise EngineError(f"quantize_tensor needs 2-D float16/float32 rows, got "
+                          f"{rows.dtype}{list(rows.shape)}")
+    n_rows, n_per_row = rows.shape
+    if n_per_row % q.block_size:
+        raise EngineError(f"rows of {n_per_row} cannot be {q.name} (blocks of {q.block_size})")
+    gg = _quantizer()
+    if gg.ggml_quantize_requires_imatrix(q.ggml):
+        raise EngineError(f"{q.name} needs an importance matrix")
+    row_bytes = q.row_bytes(n_per_row)
+    out = np.empty(n_rows * row_bytes, dtype=np.uint8)
+    step = max(1, _ROWS_PER_BLOCK_ELEMENTS // n_per_row)
+    blocks = [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+
+    def block(bounds: tuple[int, int]) -> bool:
+        a, b = bounds
+        src = np.ascontiguousarray(rows[a:b], dtype=np.float32)
+        dst = out[a * row_bytes:b * row_bytes]
+        size = gg.ggml_quantize_chunk(q.ggml, src.ctypes.data, dst.ctypes.data, 0, b - a,
+                                      n_per_row, None)
+        return size == dst.nbytes and bool(gg.ggml_validate_row_data(q.ggml, dst.ctypes.data,
+                                                                      size))
+
+    if threads > 1 and len(blocks) > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:  # ctypes drops the GIL
+            ok = all(pool.map(block, blocks))
+    else:
+        ok = all(block(b) for b in blocks)
+    if not ok:
+        raise EngineError(f"llama.cpp's {q.name} quantization produced invalid data")
+    QUANTIZED["tensors"] += 1
+    return out
 
 
 # --------------------------------------------------------------------------- sessions

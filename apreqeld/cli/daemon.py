@@ -30,8 +30,8 @@ def parser() -> argparse.ArgumentParser:
                         "$XDG_RUNTIME_DIR/apreqeld/apreqeld.sock)")
     p.add_argument("--config", type=Path, help="TOML config file")
     p.add_argument("--state-dir", type=Path,
-                   help="where member GGUFs are kept (default: $APREQEL_HOME/state, as for "
-                   "`apreqel planset materialize`)")
+                   help="the state dir: its shard store members are assembled from (default: "
+                   "$APREQEL_HOME/state, as for `apreqel planset materialize`)")
     p.add_argument("--ctx", dest="n_ctx", type=int, help="serving context (default: the plan "
                    "set's)")
     p.add_argument("--threads", type=int, help="llama.cpp threads (default: the plan set's)")

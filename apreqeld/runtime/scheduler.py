@@ -37,9 +37,10 @@ from apreqeld.core.selection import (
     feasibility,
 )
 from apreqeld.errors import BusyError, DaemonError, InputError
-from apreqeld.manifest import Member, PlanSet, load_planset, member_filename
+from apreqeld.manifest import Member, PlanSet, load_planset
 from apreqeld.runtime import wire
 from apreqeld.runtime.config import DaemonConfig
+from apreqeld.runtime.files import MemberFiles
 from apreqeld.runtime.monitor import Recorder, Source, State, TraceSource
 from apreqeld.runtime.policy import Policy, candidates_of
 from apreqeld.runtime.workers import Job, Spawn, Worker
@@ -48,7 +49,8 @@ StartWorker = Callable[[str, Path, Spawn], Awaitable[Worker]]
 MAKE, BREAK = "make-before-break", "break-before-make"
 # Events also written to stderr (the journal under systemd); decisions are too frequent.
 LOGGED = {"swap_done", "swap_failed", "load_failed", "planset_reloaded", "planset_rejected",
-          "worker_died", "worker_restart", "materialize", "monitor_start", "monitor_error"}
+          "worker_died", "worker_restart", "build_start", "build_done", "build_failed",
+          "monitor_start", "monitor_error"}
 
 
 def log_line(event: dict) -> str:
@@ -140,7 +142,8 @@ class Scheduler:
         self._tasks: list[asyncio.Task] = []
         self._watchers: set[asyncio.Task] = set()
         self._swap_reason = ""
-        self._building: dict[str, asyncio.Lock] = {}
+        self.files = MemberFiles(config.state_dir, config.plans, planset,
+                                 emit=lambda kind, **f: self.emit(kind, **f))
         self._since_swap = time.monotonic()
         self._started = time.monotonic()
 
@@ -160,18 +163,19 @@ class Scheduler:
         first = self.pinned or decision.choice
         others = sorted((m for m in self.planset.members if m.id != first),
                         key=lambda m: m.measured.footprint_bytes)
-        async with self._slot:
-            for plan in [first] + [m.id for m in others]:
-                try:
+        for plan in [first] + [m.id for m in others]:
+            try:
+                await self._ensure_file(self.planset.member(plan))  # built outside the slot
+                async with self._slot:
                     self.active = await self._launch(plan)
-                except DaemonError as exc:  # serve something rather than nothing
-                    self.emit("load_failed", plan=plan, reason=str(exc))
-                    failure = exc
-                    continue
-                self.serving = self.target = plan
-                break
-            else:
-                raise failure
+            except DaemonError as exc:  # serve something rather than nothing
+                self.emit("load_failed", plan=plan, reason=str(exc))
+                failure = exc
+                continue
+            self.serving = self.target = plan
+            break
+        else:
+            raise failure
         self._since_swap = time.monotonic()
         self._tasks = [asyncio.create_task(self._dispatch(), name="dispatch"),
                        asyncio.create_task(self._swapper(), name="swapper"),
@@ -197,6 +201,7 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.gather(*(w.stop() for w in list(self._workers)))
+        await self.files.close()
         self.active = None
         self._workers.clear()
         if self.monitor is not None:
@@ -231,6 +236,7 @@ class Scheduler:
                 continue
             async with self._slot:
                 self._current = job
+                self.files.request_started()
                 try:
                     worker = await self._revive()
                     result = await worker.run(job)
@@ -250,6 +256,7 @@ class Scheduler:
                         self.counts["failed"] += 1
                 finally:
                     self._current = None
+                    self.files.request_finished()
 
     async def _revive(self) -> Worker:
         """The serving worker, restarted if it died (call under the slot)."""
@@ -297,41 +304,19 @@ class Scheduler:
     # ------------------------------------------------------------------ files
 
     def path_of(self, member: Member) -> Path:
-        return Path(self.config.state_dir) / member_filename(self.planset, member)
+        return self.files.path(member)
 
     def _present(self, member: Member) -> bool:
-        path = self.path_of(member)
-        return path.is_file() and path.stat().st_size == member.file_bytes
+        return self.files.present(member)
 
     async def _ensure_file(self, member: Member) -> Path:
-        """The member's GGUF in the state dir, built from its recipe when missing."""
-        lock = self._building.setdefault(member.id, asyncio.Lock())
-        async with lock:  # the prefetch and a swap may want the same member
-            if self._present(member):
-                return self.path_of(member)
-            return await self._materialize(member)
-
-    async def _materialize(self, member: Member) -> Path:
-        self.emit("materialize", plan=member.id, reason="GGUF missing from the state dir")
-        try:
-            from apreqeld.planset import materialize
-        except ImportError:
-            raise DaemonError(f"{member.id} has no GGUF at {self.path_of(member)} and this "
-                              "build cannot materialize it", code=wire.UNAVAILABLE) from None
-        try:
-            paths = await asyncio.to_thread(materialize, self.planset, self.config.state_dir,
-                                            members=[member])
-        except Exception as exc:  # noqa: BLE001 - one line to the user, the daemon lives on
-            raise DaemonError(f"cannot materialize {member.id}: {exc}",
-                              code=wire.UNAVAILABLE) from None
-        return Path(paths.get(member.id, self.path_of(member)))
+        """The member's model assembled from the shard store (missing shards built by a child
+        process, never here)."""
+        return await self.files.ensure(member)
 
     async def _prefetch(self) -> None:
-        """Materialize missing members in the background, smallest footprint first."""
-        for member in sorted(self.planset.members, key=lambda m: m.measured.footprint_bytes):
-            if not self._present(member):
-                with contextlib.suppress(DaemonError):
-                    await self._ensure_file(member)
+        """Make the members the policy can choose loadable, in the background."""
+        await self.files.prefetch(self._members())
 
     # ------------------------------------------------------------------ decisions
 
@@ -537,6 +522,12 @@ class Scheduler:
             self.emit("planset_rejected", reason=str(exc))
             raise DaemonError(f"plan set refused, keeping the old one: {exc}",
                               code=wire.INVALID) from None
+        try:
+            self.files.use(planset)
+        except DaemonError as exc:
+            self.emit("planset_rejected", reason=str(exc))
+            raise DaemonError(f"plan set refused, keeping the old one: {exc}",
+                              code=wire.INVALID) from None
         old = {m.id for m in self.planset.members}
         self.planset = planset
         new = {m.id for m in planset.members}
@@ -575,7 +566,7 @@ class Scheduler:
         """Make-before-break when memory holds both variants, else break-before-make."""
         if self.config.swap_mode != "auto":
             return self.config.swap_mode
-        need = self.planset.member(target).measured.footprint_bytes
+        need = self.planset.member(target).measured.footprint_bytes - self.shared_bytes(target)
         if self.state is not None:  # the budget less the serving variant still loaded
             budget = self.budget_bytes()
             free = (budget - self.measured_footprint(self.serving)) if budget is not None \
@@ -584,7 +575,25 @@ class Scheduler:
             free = psutil.virtual_memory().available - self.config.reserve_bytes
         return MAKE if need <= free else BREAK
 
+    def shared_bytes(self, target: str) -> int:
+        """What the serving worker already holds of `target`'s shards (page cache a second
+        worker shares): make-before-break counts only what the new worker adds."""
+        active, member = self.active, self._member(target)
+        loaded = self._member(active.plan) if active is not None else None
+        if active is None or member is None or loaded is None or not active.alive:
+            return 0
+        try:
+            return self.files.shared_bytes(active.pid, loaded, member)
+        except (OSError, InputError):
+            return 0
+
     async def _swap(self, target: str, reason: str) -> bool:
+        member = self._member(target)
+        if member is not None:  # shards are built before any slot is taken
+            try:
+                await self._ensure_file(member)
+            except DaemonError as exc:
+                return self._swap_failed(self.serving, target, exc)
         source, mode, t0 = self.serving, self.swap_mode(target), time.monotonic()
         self.swap = {"from": source, "to": target, "mode": mode, "phase": "loading",
                      "reason": reason, "since": time.time()}

@@ -11,7 +11,6 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -25,8 +24,8 @@ from apreqeld.runtime.access import Access
 from apreqeld.runtime.config import DaemonConfig
 from apreqeld.runtime.metrics import Metrics
 from apreqeld.runtime.monitor import open_source
-from apreqeld.runtime.scheduler import Scheduler, StartWorker
-from apreqeld.runtime.workers import Spawn, Worker, bad_files, file_problem
+from apreqeld.runtime.scheduler import Scheduler
+from apreqeld.store.shards import ShardStore
 
 RELOAD_DEBOUNCE_S = 0.3
 MAX_CONNECTIONS = 128  # beyond: refused with a "busy" error and closed
@@ -251,19 +250,9 @@ class Daemon:
 
     async def reload(self) -> dict:
         """Load the plan set again; refused (event, old set kept) when the manifest is invalid
-        or a GGUF already in the state dir differs from it."""
+        or has no shard table."""
         self._manifest_sha = self._read_sha()
-        try:
-            planset = await asyncio.to_thread(load_planset, self.config.plans)
-        except InputError:
-            return await self.scheduler.reload()  # refuses it with the event
-        bad = await asyncio.to_thread(bad_files, planset, Path(self.config.state_dir))
-        if bad:
-            reason = f"GGUF differs from the manifest: {'; '.join(bad)}"
-            self.scheduler.emit("planset_rejected", reason=reason)
-            raise DaemonError(f"plan set refused, keeping the old one: {reason}",
-                              code=wire.INVALID)
-        return await self.scheduler.reload(planset)
+        return await self.scheduler.reload()
 
     def _changed(self) -> None:
         """(event loop) the manifest may have changed: reload after a short quiet time."""
@@ -376,32 +365,15 @@ class Daemon:
             await asyncio.sleep(interval)
 
 
-def checked_start(scheduler: Callable[[], Scheduler]) -> StartWorker:
-    """Worker.start that first checks the GGUF against the manifest (size and sha256): a
-    file that differs is refused with a `file_rejected` event and never loaded."""
-    async def start(plan: str, path: Path, spawn: Spawn) -> Worker:
-        s = scheduler()
-        member = next((m for m in s.planset.members if m.id == plan), None)
-        problem = member and await asyncio.to_thread(file_problem, member, path)
-        if problem:
-            s.emit("file_rejected", plan=plan, reason=problem)
-            print(f"apreqeld: file_rejected {plan} ({problem})", file=sys.stderr, flush=True)
-            raise DaemonError(f"refusing to load {plan}: {problem}", code=wire.UNAVAILABLE)
-        return await Worker.start(plan, path, spawn)
-
-    return start
-
-
 def run_daemon(config: DaemonConfig) -> None:
     """Load and check the plan set, then serve until stopped (blocking)."""
     planset = load_planset(config.plans)
     priority = priority_from(config.priority)
-    Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+    ShardStore(Path(config.state_dir))  # a state dir others could write is refused here
     monitor = open_source(config.monitor)  # auto: jtop, else procfs (said once)
 
     async def main() -> None:
-        scheduler = Scheduler(config, planset, priority,
-                              start_worker=checked_start(lambda: scheduler), monitor=monitor)
+        scheduler = Scheduler(config, planset, priority, monitor=monitor)
         await Daemon(config, scheduler).run()
 
     asyncio.run(main())

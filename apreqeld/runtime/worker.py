@@ -149,10 +149,16 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     try:
         from apreqeld.engine import ServingModel
+        from apreqeld.evidence.footprint import drop_mapped_pages
 
         model = ServingModel(args.model, n_ctx=args.n_ctx, threads=args.threads,
                              gpu_layers=args.gpu_layers)
         loaded = time.perf_counter()
+        model.warm_up()
+        # The pages of weights llama.cpp repacked (or offloaded) were read once at load and
+        # are never read again: unmapped, so that what stays resident is what decoding reads,
+        # as the footprint was measured, and what a second worker on the same shards shares.
+        drop_mapped_pages(args.model)
         model.warm_up()
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor as one line
         channel.send({"t": "error", "message": f"{exc}"})

@@ -4,6 +4,7 @@ answers under many swaps in both modes, crashes, failed loads, shutdown, priorit
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 from pathlib import Path
 
@@ -18,10 +19,14 @@ from apreqeld.manifest import (
     ModelInfo,
     PlanSet,
     Serving,
-    member_filename,
+    ShardTable,
+    assembly_of,
+    assembly_sha256,
 )
 from apreqeld.runtime.config import DaemonConfig
+from apreqeld.runtime.files import MemberFiles
 from apreqeld.runtime.scheduler import Scheduler
+from apreqeld.store.shards import ShardStore
 
 MIB = 1024**2
 PIDS = itertools.count(1000)
@@ -29,12 +34,21 @@ PIDS = itertools.count(1000)
 SPECS = {"small": (100, 3.0, 0.30), "mid": (150, 5.0, 0.10), "big": (200, 7.0, 0.01)}
 
 
+# The fake members' "shards": one tensor, a type per member, and a metadata split.
+TYPES = {"small": "q4_0", "mid": "q5_0", "big": "q8_0"}
+BLOBS = {name: f"fake shard {name}".encode() for name in ("metadata", *TYPES)}
+SHA = {name: hashlib.sha256(data).hexdigest() for name, data in BLOBS.items()}
+TABLE = ShardTable(engine="fake", tensors=["t.weight"], metadata={"q8_0": SHA["metadata"]},
+                   fixed={}, shards={"t.weight": {TYPES[k]: SHA[k] for k in TYPES}})
+
+
 def make_planset() -> PlanSet:
     members = []
     for i, (label, (mib, ms, kld)) in enumerate(SPECS.items()):
+        recipe = {"t.weight": TYPES[label]}
         members.append(Member(
-            id=f"{i + 1:x}" * 16, kind="uniform", label=label, base_type="q8_0", recipe={},
-            file_sha256="0" * 64, file_bytes=16,
+            id=f"{i + 1:x}" * 16, kind="uniform", label=label, base_type="q8_0", recipe=recipe,
+            assembly_sha256=assembly_sha256(assembly_of(TABLE, recipe, "q8_0")),
             measured=Metrics(parameter_bytes=mib * MIB, footprint_bytes=mib * MIB,
                              latency=LatencyStats(median_ms=ms, iqr_ms=0, mean_ms=ms, std_ms=0,
                                                   n=1),
@@ -43,7 +57,7 @@ def make_planset() -> PlanSet:
     return PlanSet(name="fake", created="2026-01-01", model=ModelInfo(
         name="m", sha256="a" * 64, path="m.gguf", architecture="llama"), engine="fake",
         device={}, protocol={}, serving=Serving(n_ctx=64, threads=1, gpu_layers=0),
-        members=members)
+        members=members, store=TABLE)
 
 
 PLANSET = make_planset()
@@ -120,9 +134,9 @@ class Farm:
 
 def scheduler(tmp_path: Path, farm: Farm, **config) -> Scheduler:
     state = tmp_path / "state"
-    state.mkdir(exist_ok=True)
-    for m in PLANSET.members:
-        (state / member_filename(PLANSET, m)).write_bytes(b"x" * m.file_bytes)
+    store = ShardStore(state)
+    for data in BLOBS.values():
+        store.add(data)
     cfg = DaemonConfig(plans=tmp_path, socket=tmp_path / "s", state_dir=state, **config)
     return Scheduler(cfg, PLANSET, priority_from(config.get("priority", "memory")),
                      start_worker=farm.start)
@@ -266,33 +280,44 @@ def test_priorities_pick_the_expected_plan(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_missing_members_are_materialized_smallest_first(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import apreqeld.planset
+def test_missing_shards_are_built_outside_the_slot_first_plan_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first plan's shards are built before it loads; the members the policy can choose
+    after it, smallest first, in the background; a swap's build happens before the slot is
+    taken (never inside break-before-make)."""
+    calls: list[tuple[str, bool, bool]] = []
+    holder: list[Scheduler] = []
 
-    calls: list[str] = []
+    async def fake_build(self: MemberFiles, member: Member, *, reason: str,
+                         background: bool) -> None:
+        calls.append((member.label, background, holder[0]._slot.locked()))
+        assert "missing from the store" in reason
+        self.store.add(BLOBS[member.label])
 
-    def fake_materialize(planset, state_dir, *, members=None, **_kw) -> dict[str, Path]:
-        out = {}
-        for m in members:
-            calls.append(m.label)
-            path = Path(state_dir) / member_filename(planset, m)
-            path.write_bytes(b"x" * m.file_bytes)
-            out[m.id] = path
-        return out
-
-    monkeypatch.setattr(apreqeld.planset, "materialize", fake_materialize)
+    monkeypatch.setattr(MemberFiles, "_build", fake_build)
 
     async def main() -> None:
-        s = scheduler(tmp_path, Farm(), priority="accuracy")
-        for m in PLANSET.members:
-            s.path_of(m).unlink()
+        s = scheduler(tmp_path, Farm(), priority="accuracy", swap_mode="break-before-make")
+        holder.append(s)
+        for label in TYPES:
+            s.files.store.shard_path(SHA[label]).unlink()
+        assert not any(s.files.present(m) for m in PLANSET.members)
         await s.start()  # the first plan (big) is built before it is needed
         await s.pin(IDS["small"], wait=True)
         assert s.serving == IDS["small"]
-        await asyncio.sleep(0.05)
-        assert calls[0] == "big" and sorted(calls) == ["big", "mid", "small"]
-        assert calls.index("small") < calls.index("mid")  # the rest smallest first
+        for _ in range(100):
+            if len(calls) == 3:
+                break
+            await asyncio.sleep(0.01)
+        # the first plan first; each member once; what start or a swap waited for was built
+        # with the slot free; the background prefetch goes smallest first (the swap to small
+        # and the prefetch race for small: either may build it)
+        assert calls[0] == ("big", False, False)
+        assert sorted(c[0] for c in calls) == ["big", "mid", "small"]
+        assert not any(locked for _, background, locked in calls if not background)
+        background = [label for label, bg, _ in calls if bg]
+        assert background in (["small", "mid"], ["mid"])
+        assert all(s.files.present(m) for m in PLANSET.members)
         await s.shutdown(1)
 
     asyncio.run(main())
