@@ -22,8 +22,8 @@ import psutil
 import pytest
 
 from apreqeld.client import Client
-from apreqeld.manifest import member_filename
 from daemon_support import REPO, start_daemon, wait_serving
+from test_faults import own_state, shard_of
 from test_http import (
     LONG,
     Raw,
@@ -177,51 +177,50 @@ def test_a_full_queue_is_429_with_retry_after(daemon_factory) -> None:
     assert after["busy"] - before["busy"] == 2 and after["served"] - before["served"] == 2
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 def test_503_while_loading_and_when_nothing_can_serve(tiny_plans, tmp_path) -> None:
-    """The first member is missing from the state dir: it is built from its recipe (seconds)
-    while /health and completions answer 503; later its file is corrupted and its worker
-    killed, so that nothing can serve."""
+    """The first member lacks a shard: a child process builds it (seconds) while /health and
+    completions answer 503 loading. Later the shard is gone again, the manifest the builder
+    reads is broken and the worker is killed: its member cannot be assembled, nothing can
+    serve (503 unavailable)."""
     ids = tiny_plans.by_label
-    state = tmp_path / "state"
-    state.mkdir()
-    for label in ("q8_0", "mix"):
-        name = member_filename(tiny_plans.planset, tiny_plans.planset.member(ids[label]))
-        os.link(tiny_plans.state_dir / name, state / name)
+    state = own_state(tiny_plans, tmp_path)
+    shard = shard_of(state, tiny_plans, "q4_0")  # a q4_0 tensor no other member uses
+    shard.chmod(0o644)
+    shard.unlink()
     folder = tmp_path / "d"
     folder.mkdir()
     d = start_daemon(tiny_plans, folder, "--priority", "memory", "--state-dir", str(state),
-                     "--http", "127.0.0.1:0", wait=False,
-                     env={"APREQEL_HOME": str(tiny_plans.plans_dir.parent / "work")})
+                     "--no-watch", "--http", "127.0.0.1:0", wait=False)
     try:
         url = http_url(d)
         raw = Raw(url)
         status, headers, body = raw("GET", "/health")
         assert (status, body["status"], headers["Retry-After"]) == (503, "loading", "1")
-        assert body["error"]["code"] == "loading"
+        assert body["error"]["code"] == "loading" and body["member"] is None
         status, _, body = raw("POST", "/v1/chat/completions", CHAT)
         assert (status, body["error"]["code"]) == (503, "loading")
-        wait_serving(d, timeout=120)
+        wait_serving(d, timeout=180)
         status, _, body = raw("GET", "/health")
         assert (status, body["status"], body["member"]) == (200, "ok", ids["q4_0"])
+        assert "build_start" in d.stderr()
         raw.close()
-        q4 = state / member_filename(tiny_plans.planset, tiny_plans.planset.member(ids["q4_0"]))
-        with q4.open("r+b") as f:  # same size, other bytes: refused by its sha256
-            f.write(b"\0" * 64)
+        shard.chmod(0o644)
+        shard.unlink()
+        (d.plans_dir / "planset.json").write_text("{")  # what the builder reads
         (pid,) = worker_pids(d)
         os.kill(pid, signal.SIGKILL)
         raw = Raw(url)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while (answer := raw("GET", "/health"))[0] == 200:
             assert time.monotonic() < deadline, answer
             time.sleep(0.05)
         status, _, body = answer
         assert (status, body["status"]) == (503, "unavailable")
-        assert body["error"]["message"].startswith(f"no variant can serve: refusing to load "
-                                                   f"{ids['q4_0']}")
+        assert body["error"]["message"].startswith("no variant can serve: ")
         status, _, body = raw("POST", "/v1/chat/completions", CHAT)
         assert (status, body["error"]["code"]) == (503, "unavailable")
-        assert "has a different sha256 than the manifest" in body["error"]["message"]
+        assert body["error"]["type"] == "server_error" and ids["q4_0"] in body["error"]["message"]
     finally:
         assert d.stop() == 0
 
