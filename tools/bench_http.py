@@ -46,6 +46,7 @@ from bench_daemon import (  # noqa: E402
     daemon_run,
     direct_run,
     free_port,
+    member_gguf,
     spread,
     start,
     start_llama_server,
@@ -247,7 +248,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         root = Path(tmp)
         plans, state, ids = build_planset(root, args.threads)
-        gguf = next(state.glob(f"*-{ids['q4_0']}.gguf"))
+        gguf = member_gguf(plans, state, ids["q4_0"])  # its first split, from the shard store
         sock, port = root / "d.sock", free_port()
         daemon = start(plans, state, sock, args.threads, "--priority", "memory", "--http",
                        f"127.0.0.1:{port}")
