@@ -8,6 +8,7 @@ protocol) and residual-stream capture through the scheduler's eval callback.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import platform
 import random
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from apreqeld.core.qtypes import qtype
-from apreqeld.errors import EngineError, ModelError
+from apreqeld.errors import EngineError, InputError, ModelError
 
 _THREAD_LOG = threading.local()  # each thread's own ring of llama.cpp log lines
 
@@ -557,6 +558,48 @@ class ServedToken:
     finish: str | None = None
 
 
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How a served reply is sampled; None/0 leave llama.cpp's defaults. `response_format`
+    is the wire's: {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}."""
+
+    max_tokens: int
+    temperature: float
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    top_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    response_format: Mapping | None = None
+
+
+@cache
+def _json_grammar(schema: str | None):
+    """A llama.cpp grammar for JSON text: any JSON value (schema None) or a value valid for
+    the JSON schema (as canonical JSON text); InputError when the schema cannot be turned into
+    a grammar. Cached: the grammar sampler is built from it per request."""
+    _llama()
+    from llama_cpp import LlamaGrammar
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    if schema is None:
+        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    try:
+        return LlamaGrammar.from_json_schema(schema, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - the converter asserts on what it cannot do
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise InputError(f"response_format.json_schema cannot be enforced: {detail}") from None
+
+
+def json_grammar(response_format: Mapping | None):
+    """The grammar a response format asks for, None for free text."""
+    if not response_format or response_format.get("type", "text") == "text":
+        return None
+    if response_format["type"] == "json_object":
+        return _json_grammar(None)
+    return _json_grammar(json.dumps(response_format["json_schema"], sort_keys=True))
+
+
 class ServingModel:
     """A GGUF loaded for serving through llama-cpp-python's high-level `Llama` class."""
 
@@ -570,6 +613,7 @@ class ServingModel:
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"llama.cpp could not load {path}: {exc}; {_recent_log()}") from None
         self.generated = 0  # tokens sampled by the last call
+        self.prompted = 0  # tokens of the last call's prompt (after the chat template)
 
     def warm_up(self) -> None:
         """One real decode, so that the first request does not pay for page faults."""
@@ -579,35 +623,50 @@ class ServingModel:
     def _counter(self):
         from llama_cpp import LogitsProcessorList
 
-        self.generated = 0
+        self.generated = self.prompted = 0
 
-        def count(_ids, scores):
+        def count(ids, scores):
+            if not self.generated:  # the first sample sees the prompt's tokens
+                self.prompted = len(ids)
             self.generated += 1
             return scores
 
         return LogitsProcessorList([count])
 
-    def complete(self, prompt: str, *, max_tokens: int, temperature: float,
-                 stop: Sequence[str] = (), seed: int | None = None) -> Iterator[ServedToken]:
-        """Stream a plain completion of `prompt`."""
-        chunks = self._llm.create_completion(
-            prompt, max_tokens=max_tokens, temperature=temperature, stop=list(stop), seed=seed,
-            stream=True, logits_processor=self._counter())
-        for chunk in chunks:
-            choice = chunk["choices"][0]
-            yield ServedToken(choice.get("text") or "", choice.get("finish_reason"))
+    def _options(self, o: SamplingOptions) -> dict:
+        kw = {"max_tokens": o.max_tokens, "temperature": o.temperature, "stop": list(o.stop),
+              "seed": o.seed, "presence_penalty": o.presence_penalty,
+              "frequency_penalty": o.frequency_penalty, "grammar": json_grammar(o.response_format),
+              "stream": True, "logits_processor": self._counter()}
+        if o.top_p is not None:
+            kw["top_p"] = o.top_p
+        return kw
 
-    def chat(self, messages: Sequence[Mapping[str, str]], *, max_tokens: int,
-             temperature: float, stop: Sequence[str] = (),
-             seed: int | None = None) -> Iterator[ServedToken]:
+    @staticmethod
+    def _stream(chunks: Iterator[dict], piece: Callable[[dict], str]) -> Iterator[ServedToken]:
+        try:
+            for chunk in chunks:
+                choice = chunk["choices"][0]
+                yield ServedToken(piece(choice), choice.get("finish_reason"))
+        except ValueError as exc:  # llama-cpp-python: "Requested tokens (N) exceed context..."
+            if "exceed context window" not in str(exc):
+                raise
+            raise InputError(f"the prompt is too long: {exc}") from None
+
+    def complete(self, prompt: str, *, options: SamplingOptions | None = None,
+                 **sampling) -> Iterator[ServedToken]:
+        """Stream a plain completion of `prompt` (`options`, or its fields as keywords)."""
+        o = options or SamplingOptions(**sampling)
+        chunks = self._llm.create_completion(prompt, **self._options(o))
+        return self._stream(chunks, lambda choice: choice.get("text") or "")
+
+    def chat(self, messages: Sequence[Mapping[str, str]], *,
+             options: SamplingOptions | None = None, **sampling) -> Iterator[ServedToken]:
         """Stream a chat reply, formatted with the model's own chat template."""
-        chunks = self._llm.create_chat_completion(
-            [dict(m) for m in messages], max_tokens=max_tokens, temperature=temperature,
-            stop=list(stop), seed=seed, stream=True, logits_processor=self._counter())
-        for chunk in chunks:
-            choice = chunk["choices"][0]
-            yield ServedToken(choice.get("delta", {}).get("content") or "",
-                              choice.get("finish_reason"))
+        o = options or SamplingOptions(**sampling)
+        chunks = self._llm.create_chat_completion([dict(m) for m in messages],
+                                                  **self._options(o))
+        return self._stream(chunks, lambda choice: choice.get("delta", {}).get("content") or "")
 
     def prompt_tokens(self, text: str) -> int:
         return len(self._llm.tokenize(text.encode("utf-8"), add_bos=True))

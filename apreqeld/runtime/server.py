@@ -11,6 +11,7 @@ import signal
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -22,6 +23,7 @@ from apreqeld.manifest import load_planset, manifest_path
 from apreqeld.runtime import access, notify, wire
 from apreqeld.runtime.access import Access
 from apreqeld.runtime.config import DaemonConfig
+from apreqeld.runtime.metrics import Metrics
 from apreqeld.runtime.monitor import open_source
 from apreqeld.runtime.scheduler import Scheduler
 from apreqeld.store.shards import ShardStore
@@ -71,6 +73,14 @@ class Daemon:
         self.refused: dict[str, int] = {}  # connections refused or dropped, by reason
         self._manifest_sha: str | None = None
         self._reload_timer: asyncio.TimerHandle | None = None
+        # With HTTP on, requests of both front doors are counted for its /metrics.
+        self.metrics = Metrics(scheduler) if config.http is not None else None
+
+    def submit(self, frontend: str, kind: str, params: dict, on_token: Callable[[str], None]):
+        """The scheduler's `submit`, counted for /metrics when HTTP is on."""
+        if self.metrics is not None:
+            return self.metrics.submit(frontend, kind, params, on_token)
+        return self.scheduler.submit(kind, params, on_token)
 
     # ------------------------------------------------------------------ connections
 
@@ -198,7 +208,7 @@ class Daemon:
             def on_token(text: str) -> None:
                 self._send(writer, wire.notification("token", {"id": msgid, "text": text}))
 
-            job = s.submit(method, params.model_dump(exclude={"v"}), on_token)
+            job = self.submit("msgpack", method, params.model_dump(exclude={"v"}), on_token)
             jobs.add(job)
             try:
                 return await job.future
@@ -295,7 +305,14 @@ class Daemon:
                                                  backlog=2 * MAX_CONNECTIONS)
         observer = None
         pinger = None
+        http = None
         try:
+            if self.metrics is not None:
+                from apreqeld.runtime.http import HttpFrontDoor
+
+                self.metrics.start()
+                http = HttpFrontDoor(self.config, self.scheduler, self.metrics)
+                await http.start()  # /health answers 503 while the first plan loads
             notify.notify("STATUS=loading the first plan")
             self._manifest_sha = self._read_sha()
             start = asyncio.create_task(self.scheduler.start())
@@ -320,11 +337,17 @@ class Daemon:
         finally:
             notify.notify("STOPPING=1", "STATUS=stopping")
             server.close()
+            if http is not None:
+                http.close_listener()
             if observer is not None:
                 observer.stop()
             if pinger is not None:
                 pinger.cancel()
             await self.scheduler.shutdown(self.config.grace_s)
+            if http is not None:
+                await http.stop()
+            if self.metrics is not None:
+                await self.metrics.stop()
             for writer in list(self._connections):
                 with contextlib.suppress(ConnectionError, OSError):
                     await writer.drain()

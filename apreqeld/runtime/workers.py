@@ -146,6 +146,8 @@ class Worker:
                 return {"text": "".join(pieces), "finish": message.get("finish"),
                         "usage": message.get("usage", {})}
             elif kind == "fail" and message.get("id") == job.seq:
+                if message.get("code") == wire.INVALID:  # the request, not the worker
+                    raise DaemonError(str(message.get("message")), code=wire.INVALID)
                 raise DaemonError(f"generation failed on {self.plan}: {message.get('message')}",
                                   code=wire.FAILED)
             elif kind == "eof":
