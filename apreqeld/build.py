@@ -4,7 +4,7 @@ tensor against the plan, with the plan stored in the file's metadata, then moved
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import gguf
@@ -13,6 +13,7 @@ from apreqeld import engine
 from apreqeld.core.plans import recipe_text, reproduce_command, validate_plan
 from apreqeld.core.recipes import type_mismatches
 from apreqeld.errors import PlanError
+from apreqeld.gguf.split import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS, split_files
 from apreqeld.gguf.view import read_model
 from apreqeld.storage import atomic_path, write_json_atomic
 
@@ -72,27 +73,50 @@ def read_embedded_plan(path: Path) -> dict | None:
 def _copy_with_metadata(src: Path, dst: Path, extra: Mapping[str, str]) -> None:
     """Rewrite a GGUF with extra string metadata (gguf-py's own reader and writer)."""
     reader = gguf.GGUFReader(src)
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-    writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
-    alignment = reader.fields.get(gguf.Keys.General.ALIGNMENT)
+    _write_gguf(dst, reader, reader.tensors, extra)
+
+
+def export_gguf(model: Path, plan: Mapping, out: Path, /) -> Path:
+    """A model assembled from the shard store (its first split) written as one ordinary GGUF,
+    byte for byte what `build_gguf` writes for the same plan, atomically."""
+    validate_plan(plan)
+    files = split_files(model)
+    problems = type_mismatches(plan["expected_types"], read_model(model).tensor_types())
+    if problems:
+        raise PlanError(f"{model.name} is not the plan's model: {problems[0]}")
+    meta = gguf.GGUFReader(files[0])
+    tensors = [t for f in files[1:] for t in gguf.GGUFReader(f).tensors]
+    with atomic_path(out, suffix=".gguf") as tmp:
+        _write_gguf(tmp, meta, tensors, {PLAN_KEY: embedded_plan(plan),
+                                         PLAN_ID_KEY: plan["plan_id"]},
+                    skip=(SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS))
+    return Path(out)
+
+
+def _write_gguf(dst: Path, meta: gguf.GGUFReader, tensors: Sequence, extra: Mapping[str, str],
+                *, skip: Sequence[str] = ()) -> None:
+    """`meta`'s metadata (less `skip`, then `extra`) and `tensors` as one GGUF file."""
+    arch = meta.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(dst, arch=arch, endianess=meta.endianess)
+    alignment = meta.fields.get(gguf.Keys.General.ALIGNMENT)
     if alignment is not None:
         writer.data_alignment = int(alignment.contents())
-    for field in reader.fields.values():
+    for field in meta.fields.values():
         if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
             continue
-        if field.name in extra:
+        if field.name in extra or field.name in skip:
             continue
         value_type = field.types[0]
         sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
     for key, value in extra.items():
         writer.add_string(key, value)
-    for tensor in reader.tensors:
+    for tensor in tensors:
         writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype,
                                tensor.data.nbytes, tensor.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for tensor in reader.tensors:
-        writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+    for tensor in tensors:
+        writer.write_tensor_data(tensor.data, tensor_endianess=meta.endianess)
     writer.close()

@@ -280,21 +280,34 @@ class Client:
         return self.call("cancel", {"id": msgid})
 
     @staticmethod
-    def _sampling(max_tokens: int, temperature: float, stop: Sequence[str],
-                  seed: int | None) -> dict:
+    def _sampling(max_tokens: int, temperature: float, stop: Sequence[str], seed: int | None,
+                  top_p: float | None = None, presence_penalty: float | None = None,
+                  frequency_penalty: float | None = None,
+                  response_format: dict | None = None) -> dict:
         params = {"max_tokens": max_tokens, "temperature": temperature, "stop": list(stop)}
-        return params if seed is None else params | {"seed": seed}
+        for key, value in (("seed", seed), ("top_p", top_p),
+                           ("presence_penalty", presence_penalty),
+                           ("frequency_penalty", frequency_penalty),
+                           ("response_format", response_format)):
+            if value is not None:
+                params[key] = value
+        return params
 
     def generate_stream(self, prompt: str, *, max_tokens: int = 128, temperature: float = 0.8,
-                        stop: Sequence[str] = (), seed: int | None = None) -> Stream:
-        params = {"prompt": prompt} | self._sampling(max_tokens, temperature, stop, seed)
+                        stop: Sequence[str] = (), seed: int | None = None,
+                        **sampling: object) -> Stream:
+        """Stream a completion. `sampling`: top_p, presence_penalty, frequency_penalty and
+        response_format ({"type": "json_object"} or {"type": "json_schema", "json_schema":
+        SCHEMA}, enforced by llama.cpp's grammar)."""
+        params = {"prompt": prompt} | self._sampling(max_tokens, temperature, stop, seed,
+                                                     **sampling)
         return Stream(self, self._send("generate", params))
 
     def chat_stream(self, messages: Sequence[dict], *, max_tokens: int = 128,
                     temperature: float = 0.8, stop: Sequence[str] = (),
-                    seed: int | None = None) -> Stream:
+                    seed: int | None = None, **sampling: object) -> Stream:
         params = {"messages": [dict(m) for m in messages]} | self._sampling(
-            max_tokens, temperature, stop, seed)
+            max_tokens, temperature, stop, seed, **sampling)
         return Stream(self, self._send("chat", params))
 
     def generate(self, prompt: str, **options: object) -> dict:

@@ -8,6 +8,7 @@ protocol) and residual-stream capture through the scheduler's eval callback.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import platform
 import random
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from apreqeld.core.qtypes import qtype
-from apreqeld.errors import EngineError, ModelError
+from apreqeld.errors import EngineError, InputError, ModelError
 
 _THREAD_LOG = threading.local()  # each thread's own ring of llama.cpp log lines
 
@@ -142,11 +143,74 @@ def quantize(src: Path, dst: Path, /, *, tensor_types: Mapping[str, str] | None 
     rc = ll.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise EngineError(f"llama.cpp could not quantize {src}: {_recent_log()}")
+    QUANTIZED["models"] += 1
     for line in reversed(_log_ring()):
         m = re.search(r"(\d+) of \d+ tensor\(s\) required fallback", line)
         if m:
             return int(m.group(1))
     return 0
+
+
+# How much this process has asked llama.cpp to quantize: whole models and single tensors.
+QUANTIZED: dict[str, int] = {"models": 0, "tensors": 0}
+_ROWS_PER_BLOCK_ELEMENTS = 1 << 22  # rows converted to f32 and quantized together (16 MiB)
+
+
+@cache
+def _quantizer():
+    """libggml's quantization entry points, typed by hand (llama-quant.cpp calls the same)."""
+    gg = _ggml()
+    gg.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.c_void_p]
+    gg.ggml_quantize_chunk.restype = ctypes.c_size_t
+    gg.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    gg.ggml_validate_row_data.restype = ctypes.c_bool
+    gg.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    gg.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    return gg
+
+
+def quantize_tensor(rows: np.ndarray, type_name: str, /, *, threads: int = 1) -> np.ndarray:
+    """One tensor quantized to `type_name` as llama-quantize quantizes it: llama.cpp's
+    ggml_quantize_chunk over blocks of rows (rows are quantized independently, so the bytes do
+    not depend on the blocking), each block validated with ggml_validate_row_data.
+
+    `rows` is (n_rows, n_per_row) in float16 or float32 (converted block by block, so memory
+    stays bounded); the result is the tensor's bytes (uint8)."""
+    q = qtype(type_name)
+    if rows.ndim != 2 or rows.dtype not in (np.float16, np.float32):
+        raise EngineError(f"quantize_tensor needs 2-D float16/float32 rows, got "
+                          f"{rows.dtype}{list(rows.shape)}")
+    n_rows, n_per_row = rows.shape
+    if n_per_row % q.block_size:
+        raise EngineError(f"rows of {n_per_row} cannot be {q.name} (blocks of {q.block_size})")
+    gg = _quantizer()
+    if gg.ggml_quantize_requires_imatrix(q.ggml):
+        raise EngineError(f"{q.name} needs an importance matrix")
+    row_bytes = q.row_bytes(n_per_row)
+    out = np.empty(n_rows * row_bytes, dtype=np.uint8)
+    step = max(1, _ROWS_PER_BLOCK_ELEMENTS // n_per_row)
+    blocks = [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+
+    def block(bounds: tuple[int, int]) -> bool:
+        a, b = bounds
+        src = np.ascontiguousarray(rows[a:b], dtype=np.float32)
+        dst = out[a * row_bytes:b * row_bytes]
+        size = gg.ggml_quantize_chunk(q.ggml, src.ctypes.data, dst.ctypes.data, 0, b - a,
+                                      n_per_row, None)
+        return size == dst.nbytes and bool(gg.ggml_validate_row_data(q.ggml, dst.ctypes.data,
+                                                                      size))
+
+    if threads > 1 and len(blocks) > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:  # ctypes drops the GIL
+            ok = all(pool.map(block, blocks))
+    else:
+        ok = all(block(b) for b in blocks)
+    if not ok:
+        raise EngineError(f"llama.cpp's {q.name} quantization produced invalid data")
+    QUANTIZED["tensors"] += 1
+    return out
 
 
 # --------------------------------------------------------------------------- sessions
@@ -494,6 +558,48 @@ class ServedToken:
     finish: str | None = None
 
 
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How a served reply is sampled; None/0 leave llama.cpp's defaults. `response_format`
+    is the wire's: {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}."""
+
+    max_tokens: int
+    temperature: float
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    top_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    response_format: Mapping | None = None
+
+
+@cache
+def _json_grammar(schema: str | None):
+    """A llama.cpp grammar for JSON text: any JSON value (schema None) or a value valid for
+    the JSON schema (as canonical JSON text); InputError when the schema cannot be turned into
+    a grammar. Cached: the grammar sampler is built from it per request."""
+    _llama()
+    from llama_cpp import LlamaGrammar
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    if schema is None:
+        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    try:
+        return LlamaGrammar.from_json_schema(schema, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - the converter asserts on what it cannot do
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise InputError(f"response_format.json_schema cannot be enforced: {detail}") from None
+
+
+def json_grammar(response_format: Mapping | None):
+    """The grammar a response format asks for, None for free text."""
+    if not response_format or response_format.get("type", "text") == "text":
+        return None
+    if response_format["type"] == "json_object":
+        return _json_grammar(None)
+    return _json_grammar(json.dumps(response_format["json_schema"], sort_keys=True))
+
+
 class ServingModel:
     """A GGUF loaded for serving through llama-cpp-python's high-level `Llama` class."""
 
@@ -507,6 +613,7 @@ class ServingModel:
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"llama.cpp could not load {path}: {exc}; {_recent_log()}") from None
         self.generated = 0  # tokens sampled by the last call
+        self.prompted = 0  # tokens of the last call's prompt (after the chat template)
 
     def warm_up(self) -> None:
         """One real decode, so that the first request does not pay for page faults."""
@@ -516,35 +623,50 @@ class ServingModel:
     def _counter(self):
         from llama_cpp import LogitsProcessorList
 
-        self.generated = 0
+        self.generated = self.prompted = 0
 
-        def count(_ids, scores):
+        def count(ids, scores):
+            if not self.generated:  # the first sample sees the prompt's tokens
+                self.prompted = len(ids)
             self.generated += 1
             return scores
 
         return LogitsProcessorList([count])
 
-    def complete(self, prompt: str, *, max_tokens: int, temperature: float,
-                 stop: Sequence[str] = (), seed: int | None = None) -> Iterator[ServedToken]:
-        """Stream a plain completion of `prompt`."""
-        chunks = self._llm.create_completion(
-            prompt, max_tokens=max_tokens, temperature=temperature, stop=list(stop), seed=seed,
-            stream=True, logits_processor=self._counter())
-        for chunk in chunks:
-            choice = chunk["choices"][0]
-            yield ServedToken(choice.get("text") or "", choice.get("finish_reason"))
+    def _options(self, o: SamplingOptions) -> dict:
+        kw = {"max_tokens": o.max_tokens, "temperature": o.temperature, "stop": list(o.stop),
+              "seed": o.seed, "presence_penalty": o.presence_penalty,
+              "frequency_penalty": o.frequency_penalty, "grammar": json_grammar(o.response_format),
+              "stream": True, "logits_processor": self._counter()}
+        if o.top_p is not None:
+            kw["top_p"] = o.top_p
+        return kw
 
-    def chat(self, messages: Sequence[Mapping[str, str]], *, max_tokens: int,
-             temperature: float, stop: Sequence[str] = (),
-             seed: int | None = None) -> Iterator[ServedToken]:
+    @staticmethod
+    def _stream(chunks: Iterator[dict], piece: Callable[[dict], str]) -> Iterator[ServedToken]:
+        try:
+            for chunk in chunks:
+                choice = chunk["choices"][0]
+                yield ServedToken(piece(choice), choice.get("finish_reason"))
+        except ValueError as exc:  # llama-cpp-python: "Requested tokens (N) exceed context..."
+            if "exceed context window" not in str(exc):
+                raise
+            raise InputError(f"the prompt is too long: {exc}") from None
+
+    def complete(self, prompt: str, *, options: SamplingOptions | None = None,
+                 **sampling) -> Iterator[ServedToken]:
+        """Stream a plain completion of `prompt` (`options`, or its fields as keywords)."""
+        o = options or SamplingOptions(**sampling)
+        chunks = self._llm.create_completion(prompt, **self._options(o))
+        return self._stream(chunks, lambda choice: choice.get("text") or "")
+
+    def chat(self, messages: Sequence[Mapping[str, str]], *,
+             options: SamplingOptions | None = None, **sampling) -> Iterator[ServedToken]:
         """Stream a chat reply, formatted with the model's own chat template."""
-        chunks = self._llm.create_chat_completion(
-            [dict(m) for m in messages], max_tokens=max_tokens, temperature=temperature,
-            stop=list(stop), seed=seed, stream=True, logits_processor=self._counter())
-        for chunk in chunks:
-            choice = chunk["choices"][0]
-            yield ServedToken(choice.get("delta", {}).get("content") or "",
-                              choice.get("finish_reason"))
+        o = options or SamplingOptions(**sampling)
+        chunks = self._llm.create_chat_completion([dict(m) for m in messages],
+                                                  **self._options(o))
+        return self._stream(chunks, lambda choice: choice.get("delta", {}).get("content") or "")
 
     def prompt_tokens(self, text: str) -> int:
         return len(self._llm.tokenize(text.encode("utf-8"), add_bos=True))

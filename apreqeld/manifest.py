@@ -2,12 +2,14 @@
 validated plain data (`plans/NAME/planset.json`).
 
 The offline side (`apreqeld.planset`) writes it; the daemon (`apreqeld.runtime`) reads it and
-never trusts it unvalidated. GGUFs are not part of it: each member is rebuilt byte for byte
-from its recipe into a state directory and checked against `file_sha256`.
+never trusts it unvalidated. GGUFs are not part of it: each member is assembled from the shard
+store (apreqeld.store) by its shards' sha256s, listed in the manifest's shard table; the
+member's `assembly_sha256` is the sha256 of that list, its identity.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -19,7 +21,7 @@ from apreqeld.errors import InputError
 from apreqeld.storage import write_json_atomic
 
 KIND = "apreqeld.planset"
-FORMAT = 1
+FORMAT = 2  # 2: members are assembled from a shard table (1: built from recipes, read only)
 MANIFEST_NAME = "planset.json"
 _HEX = re.compile(r"^[0-9a-f]+$")
 
@@ -67,8 +69,13 @@ class Member(_Strict):
                                    "llama.cpp's own mixing gave it, replayed to rebuild it)")
     ftype: str | None = Field(default=None, description="llama.cpp preset (file type) this "
                               "member is, e.g. Q4_K_M")
-    file_sha256: str = Field(min_length=64, max_length=64)
-    file_bytes: int = Field(gt=0)
+    assembly_sha256: str | None = Field(default=None, min_length=64, max_length=64,
+                                        description="sha256 of the member's shard sha256s "
+                                        "(the store's Assembly.identity): its identity")
+    file_sha256: str | None = Field(default=None, min_length=64, max_length=64,
+                                    description="sha256 of the member exported as one GGUF "
+                                    "(apreqel planset export), where known")
+    file_bytes: int | None = Field(default=None, gt=0)
     weights: list[tuple[float, float, float]] = Field(default_factory=list)
     predicted: dict[str, float] | None = None
     measured: Metrics
@@ -76,12 +83,61 @@ class Member(_Strict):
     pareto: bool
     dominated_by: list[str] = Field(default_factory=list)
 
-    @field_validator("id", "file_sha256")
+    @field_validator("id", "file_sha256", "assembly_sha256")
     @classmethod
-    def _hex(cls, value: str) -> str:
-        if not _HEX.match(value):
+    def _hex(cls, value: str | None) -> str | None:
+        if value is not None and not _HEX.match(value):
             raise ValueError("must be lower-case hexadecimal")
         return value
+
+
+class ShardTable(_Strict):
+    """The shards a plan set's members are assembled from: split 0 is the metadata of the
+    member's base type, split k the k-th tensor of `tensors` (the source's order) at the type
+    the member's recipe asks (tensors no recipe names, such as norms, as the reference stores
+    them). Types are as asked: a type llama.cpp falls back from names the fallback's shard."""
+
+    engine: str = Field(description="llama.cpp build the shards were quantized with")
+    tensors: list[str] = Field(min_length=1)
+    metadata: dict[str, str] = Field(description="base type -> sha256 of the metadata split")
+    fixed: dict[str, str] = Field(description="tensor no recipe names -> sha256")
+    shards: dict[str, dict[str, str]] = Field(description="tensor -> type -> sha256")
+
+    @model_validator(mode="after")
+    def _complete(self) -> ShardTable:
+        listed = set(self.tensors)
+        if len(listed) != len(self.tensors):
+            raise ValueError("a tensor is listed twice")
+        for name in (*self.fixed, *self.shards):
+            if name not in listed:
+                raise ValueError(f"shard of {name}, which is not in tensors")
+        for sha in [*self.metadata.values(), *self.fixed.values(),
+                    *(s for by in self.shards.values() for s in by.values())]:
+            if len(sha) != 64 or not _HEX.match(sha):
+                raise ValueError(f"'{sha[:70]}' is not a sha256")
+        return self
+
+
+def assembly_of(table: ShardTable, recipe: dict[str, str], base_type: str, /) -> list[str]:
+    """A member's shards in split order; ValueError naming what the table lacks."""
+    if base_type not in table.metadata:
+        raise ValueError(f"no metadata split for base type {base_type}")
+    found = [table.metadata[base_type]]
+    for name in table.tensors:
+        if name in table.fixed:
+            found.append(table.fixed[name])
+            continue
+        wanted = recipe.get(name)
+        sha = table.shards.get(name, {}).get(wanted) if wanted else None
+        if sha is None:
+            raise ValueError(f"no shard of {name} as {wanted or 'nothing'}")
+        found.append(sha)
+    return found
+
+
+def assembly_sha256(shards: list[str], /) -> str:
+    """The identity of a model made of these shards (their sha256s, one per line)."""
+    return hashlib.sha256("\n".join(shards).encode()).hexdigest()
 
 
 class ModelInfo(_Strict):
@@ -120,7 +176,7 @@ class PresetComparison(_Strict):
 
 class PlanSet(_Strict):
     kind: Literal["apreqeld.planset"] = KIND
-    format: Literal[1] = FORMAT
+    format: Literal[1, 2] = FORMAT
     name: str = Field(min_length=1)
     created: str
     model: ModelInfo
@@ -133,6 +189,8 @@ class PlanSet(_Strict):
     members: list[Member] = Field(min_length=1)
     presets: list[PresetComparison] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    store: ShardTable | None = Field(default=None, description="the shards every member is "
+                                     "assembled from (format 2)")
 
     @field_validator("members")
     @classmethod
@@ -151,6 +209,21 @@ class PlanSet(_Strict):
             for ref in (p.member, *p.dominated_by, *([p.closest] if p.closest else [])):
                 if ref not in ids:
                     raise ValueError(f"preset {p.name} names member {ref}, which is not one")
+        return self
+
+    @model_validator(mode="after")
+    def _members_assemble(self) -> PlanSet:
+        if self.format == 1:
+            return self
+        if self.store is None:
+            raise ValueError("a format-2 plan set needs its shard table (store)")
+        for m in self.members:
+            try:
+                shards = assembly_of(self.store, m.recipe, m.base_type)
+            except ValueError as exc:
+                raise ValueError(f"member {m.id} cannot be assembled: {exc}") from None
+            if m.assembly_sha256 != assembly_sha256(shards):
+                raise ValueError(f"member {m.id}: assembly_sha256 is not that of its shards")
         return self
 
     def member(self, member_id: str) -> Member:
@@ -205,6 +278,9 @@ def save_planset(planset: PlanSet, folder: str | Path, /) -> Path:
     return write_json_atomic(manifest_path(folder), planset.model_dump(mode="json"))
 
 
-def member_filename(planset: PlanSet, member: Member, /) -> str:
-    """Where a member's GGUF lives inside a state directory."""
-    return f"{planset.model.sha256[:12]}-{member.id}.gguf"
+def member_shards(planset: PlanSet, member: Member, /) -> list[str]:
+    """The member's shards in split order (from the plan set's shard table)."""
+    if planset.store is None:
+        raise InputError(f"plan set {planset.name} has no shard table (format 1): upgrade it "
+                         "with `apreqel planset upgrade`")
+    return assembly_of(planset.store, member.recipe, member.base_type)

@@ -5,10 +5,9 @@ GGUF is rebuilt byte for byte (`materialize`)."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 
 from apreqeld import engine
 from apreqeld.aiming import AIM_PARTS, aimed_recipes, aiming_evidence, default_aims, predictor
-from apreqeld.build import build_gguf
+from apreqeld.build import export_gguf
 from apreqeld.core.configs import PAPER_CONFIGS, parse_configs
 from apreqeld.core.disturbance import DISTURBED, latency_record, stolen_share
 from apreqeld.core.frontier import dominance_gaps, dominated_by, simplex_grid, unique_vectors
@@ -50,13 +49,16 @@ from apreqeld.manifest import (
     PlanSet,
     PresetComparison,
     Serving,
+    ShardTable,
     load_planset,
     manifest_path,
-    member_filename,
+    member_shards,
     save_planset,
 )
 from apreqeld.resources import default_model_path
-from apreqeld.storage import atomic_path, default_workdir
+from apreqeld.storage import atomic_path
+from apreqeld.store.fill import assembled, fill
+from apreqeld.store.shards import Assembly, ShardStore
 from apreqeld.workflow import device_profile, layer_profile
 
 LATENCY_NOTE = ("ms/token: llama-bench tg (warm-up, then n_gen one-token decodes) timed in "
@@ -84,11 +86,6 @@ class Candidate:
     presets: list[str] = field(default_factory=list)
 
 
-def default_state_dir() -> Path:
-    """Where member GGUFs are materialized: $APREQEL_HOME/state."""
-    return default_workdir() / "state"
-
-
 def weight_vectors(*, step: float = 0.1, paper: bool = True,
                    weights_file: Path | None = None) -> list[tuple[float, float, float]]:
     """The grid over the simplex plus the paper's 28 configurations, or a user's weights file."""
@@ -114,11 +111,6 @@ def member_plan(view: ModelShape, model_sha256: str, recipe: dict[str, str],
             "expected_types": expected_types(view, recipe), "outside_type": base_type}
     plan["plan_id"] = plan_id(plan)
     return plan
-
-
-def gguf_name(model_sha256: str, member_id: str) -> str:
-    """`manifest.member_filename` before the manifest exists."""
-    return f"{model_sha256[:12]}-{member_id}.gguf"
 
 
 def candidates(view: ModelShape, model_sha256: str, dev: dict, layers: dict,
@@ -306,25 +298,6 @@ def _round6(x: float) -> float:
     return round(x, 6)
 
 
-def _build(view: ModelShape, model_sha256: str, recipe: dict[str, str], base_type: str,
-           reference: Path, dest: Path, *, threads: int, expect_sha256: str | None = None,
-           label: str = "") -> Path:
-    """Build one member into `dest` through a temporary folder beside it; with
-    `expect_sha256`, refuse (and leave nothing) when the rebuilt file differs."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".build-") as tmp:
-        built = build_gguf(member_plan(view, model_sha256, recipe, base_type), reference,
-                           Path(tmp) / "member.gguf", threads=threads)
-        if expect_sha256 is not None:
-            digest = file_sha256(built)
-            if digest != expect_sha256:
-                raise PlanError(f"member {label} rebuilt with sha256 {digest[:16]}…, the "
-                                f"manifest says {expect_sha256[:16]}… (another llama.cpp build "
-                                "or a different model?)")
-        os.replace(built, dest)
-    return dest
-
-
 def _interleaved_rounds(paths: dict[str, Path], /, *, workspace: Workspace, protocol: Protocol,
                         condition: str | None, run: str,
                         progress: Progress) -> dict[str, LatencyStats]:
@@ -381,7 +354,7 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
                 paper: bool = True, weights_file: Path | None = None,
                 estimator: str = "exact", accuracy: str = "kld",
                 calibration: str | None = None, calibration_tokens: int = 2048,
-                serving_ctx: int = 2048, state_dir: Path | None = None,
+                serving_ctx: int = 2048,
                 name: str | None = None, presets: str | None = "all",
                 protect: str | None = None, aim: bool = True,
                 progress: Progress = no_progress) -> PlanSet:
@@ -390,6 +363,7 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
     build and measure each distinct candidate once, keep the measured Pareto set, and write
     `out_dir/planset.json` and `out_dir/recipes/`. Resumable."""
     started = time.time()
+    quantized = dict(engine.QUANTIZED)
     out_dir = Path(out_dir)
     # Every input is checked before anything is measured.
     if estimator not in ESTIMATORS:
@@ -406,7 +380,6 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
     qtype(outside)
     preset_names = parse_presets(presets)
     protected = parse_protect(protect, view)
-    state_dir = Path(state_dir) if state_dir else workspace.root / "state"
     sha = workspace.sha256(source)
     steps = 7.0  # uniform types, layer profile, vectors, presets, aim, build+measure (2)
 
@@ -444,9 +417,9 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
                                       for k in ("base", "probe", "base_kld", "part_added_kld")},
                       "aims": [[m, dict(x)] for m, x in default_aims(accuracy)]}
     t_planning = time.time() - started - t_evidence
-    members, baseline = measure_candidates(
+    members, baseline, table = measure_candidates(
         view, sha, cands, reference, workspace=workspace, protocol=protocol,
-        serving_ctx=serving_ctx, state_dir=state_dir, previous=_previous_conditions(out_dir),
+        serving_ctx=serving_ctx, previous=_previous_conditions(out_dir),
         progress=lambda w, f: progress(w, (5 + 2 * f) / steps))
     members = with_front(members, accuracy)
     if aim_record is not None:
@@ -475,49 +448,50 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
                          "layer_profile": {k: layers[k] for k in ("text", "token_range",
                                                                   "gamma")}},
             "timing_s": {"evidence": round(t_evidence, 1), "planning": round(t_planning, 1),
-                         "total": round(time.time() - started, 1)}},
+                         "total": round(time.time() - started, 1)},
+            "quantized": {k: engine.QUANTIZED[k] - quantized[k] for k in quantized}},
         serving=Serving(n_ctx=serving_ctx, threads=protocol.threads,
                         gpu_layers=protocol.gpu_layers, n_batch=min(serving_ctx, SERVING_BATCH),
                         baseline_rss_bytes=baseline),
         accuracy=accuracy, objectives=("footprint_bytes", "latency_ms", accuracy),
         members=members, notes=[FOOTPRINT_DEFINITION, LATENCY_NOTE, PRESET_NOTE],
         presets=compare_presets(members, [(n, of[n]) for n in preset_names if n in of],
-                                accuracy))
-    write_planset(planset, out_dir)
+                                accuracy),
+        store=table)
+    write_planset(planset, out_dir, store=workspace.store)
     return planset
 
 
 def measure_candidates(view: ModelShape, model_sha256: str, cands: Sequence[Candidate],
                        reference: Reference, /, *, workspace: Workspace, protocol: Protocol,
-                       serving_ctx: int, state_dir: Path,
+                       serving_ctx: int,
                        previous: Mapping[str, dict[str, LatencyStats]] | None = None,
-                       progress: Progress = no_progress) -> tuple[list[Member], int]:
-    """Build each candidate once into `state_dir`, measure its accuracy and serving footprint
-    (cached), time them all in interleaved rounds; the members (front not set yet) and the
-    median baseline RSS of the footprint measurements."""
-    paths: dict[str, Path] = {}
+                       progress: Progress = no_progress) -> tuple[list[Member], int, ShardTable]:
+    """Assemble every candidate from the shard store (each missing shard quantized once),
+    measure its accuracy and serving footprint (cached), time them all in interleaved rounds;
+    the members (front not set yet), the median baseline RSS of the footprint measurements,
+    and the shard table of what the members are made of."""
+    table, found = assembled(workspace.store, reference.path, model_sha256,
+                             {c.id: (c.recipe, c.base_type) for c in cands},
+                             threads=protocol.threads,
+                             progress=lambda w, f: progress(w, 0.1 * f))
+    paths = {c.id: found[c.id][0] for c in cands}
     measured: dict[str, dict] = {}
     for k, c in enumerate(cands):
         def step(w: str, f: float, k: int = k, c: Candidate = c) -> None:
             progress(f"{c.label} ({k + 1}/{len(cands)}): {w}",
-                     0.7 * (k + min(max(f, 0), 1)) / len(cands))
+                     0.1 + 0.6 * (k + min(max(f, 0), 1)) / len(cands))
 
-        dest = state_dir / gguf_name(model_sha256, c.id)
-        if not dest.exists():
-            step("building", 0.0)
-            _build(view, model_sha256, c.recipe, c.base_type, reference.path, dest,
-                   threads=protocol.threads)
-        paths[c.id] = dest
+        path = paths[c.id]
         acc = cached_measurement(workspace, measurement_key(c.recipe, reference, protocol),
-                                 lambda dest=dest, p=step: measure_file(
-                                     dest, protocol=protocol, reference=reference,
-                                     progress=lambda w, f: p(w, 0.1 + 0.8 * f)))
+                                 lambda path=path, p=step: measure_file(
+                                     path, protocol=protocol, reference=reference,
+                                     progress=lambda w, f: p(w, 0.9 * f)))
         step("footprint", 0.9)
-        foot = cached_footprint(dest, workspace=workspace, n_ctx=serving_ctx,
+        foot = cached_footprint(path, workspace=workspace, n_ctx=serving_ctx,
                                 threads=protocol.threads, gpu_layers=protocol.gpu_layers)
-        measured[c.id] = {"file_sha256": workspace.sha256(dest),
-                          "file_bytes": dest.stat().st_size,
-                          "parameter_bytes": read_model(dest).parameter_bytes,
+        measured[c.id] = {"assembly_sha256": found[c.id][1].identity,
+                          "parameter_bytes": read_model(path).parameter_bytes,
                           "accuracy": acc, "footprint": foot}
     latency = _interleaved_rounds(paths, workspace=workspace, protocol=protocol,
                                   condition=None, run="default",
@@ -534,16 +508,27 @@ def measure_candidates(view: ModelShape, model_sha256: str, cands: Sequence[Cand
         members.append(Member(id=c.id, kind=c.kind, label=c.label, base_type=c.base_type,
                               recipe=dict(sorted(c.recipe.items())),
                               ftype=c.presets[0] if c.presets else None,
-                              file_sha256=m["file_sha256"], file_bytes=m["file_bytes"],
+                              assembly_sha256=m["assembly_sha256"],
                               weights=c.weights, predicted=c.predicted, measured=metrics,
                               conditions=(previous or {}).get(c.id, {}), pareto=True))
     baseline = int(np.median([m["footprint"]["baseline_rss_bytes"] for m in measured.values()]))
-    return members, baseline
+    return members, baseline, used_table(table, members)
+
+
+def used_table(table: ShardTable, members: Sequence[Member], /) -> ShardTable:
+    """The part of a shard table the members are assembled from."""
+    asked = {(n, q) for m in members for n, q in m.recipe.items()}
+    return table.model_copy(update={
+        "metadata": {b: s for b, s in table.metadata.items()
+                     if any(m.base_type == b for m in members)},
+        "shards": {n: {q: s for q, s in by.items() if (n, q) in asked}
+                   for n, by in table.shards.items()
+                   if any((n, q) in asked for q in by)}})
 
 
 def planset_from_recipes(source: Path, recipes: Mapping[str, Mapping[str, str]], out_dir: Path,
                          /, *, workspace: Workspace, protocol: Protocol,
-                         serving_ctx: int = 2048, state_dir: Path | None = None,
+                         serving_ctx: int = 2048,
                          outside: str = "q8_0", accuracy: str = "kld", name: str | None = None,
                          progress: Progress = no_progress) -> PlanSet:
     """A plan set of the given recipes (label -> tensor -> type; a quantizable tensor not
@@ -570,12 +555,10 @@ def planset_from_recipes(source: Path, recipes: Mapping[str, Mapping[str, str]],
         inside = {full[t.name] for s in view.sublayers for t in s.tensors if t.quantizable}
         cands[pid] = Candidate(pid, "uniform" if len(inside) == 1 else "mix", label, outside,
                                full)
-    state_dir = Path(state_dir) if state_dir else workspace.root / "state"
     reference = ensure_reference(source, workspace=workspace, protocol=protocol)
-    members, baseline = measure_candidates(view, sha, list(cands.values()), reference,
-                                           workspace=workspace, protocol=protocol,
-                                           serving_ctx=serving_ctx, state_dir=state_dir,
-                                           progress=progress)
+    members, baseline, table = measure_candidates(view, sha, list(cands.values()), reference,
+                                                  workspace=workspace, protocol=protocol,
+                                                  serving_ctx=serving_ctx, progress=progress)
     planset = PlanSet(
         name=name or Path(out_dir).resolve().name,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -589,8 +572,9 @@ def planset_from_recipes(source: Path, recipes: Mapping[str, Mapping[str, str]],
                         gpu_layers=protocol.gpu_layers, n_batch=min(serving_ctx, SERVING_BATCH),
                         baseline_rss_bytes=baseline),
         accuracy=accuracy, objectives=("footprint_bytes", "latency_ms", accuracy),
-        members=with_front(members, accuracy), notes=[FOOTPRINT_DEFINITION, LATENCY_NOTE])
-    write_planset(planset, out_dir)
+        members=with_front(members, accuracy), notes=[FOOTPRINT_DEFINITION, LATENCY_NOTE],
+        store=table)
+    write_planset(planset, out_dir, store=workspace.store)
     return planset
 
 
@@ -609,8 +593,10 @@ def _previous_conditions(out_dir: Path) -> dict[str, dict[str, LatencyStats]]:
     return {m.id: dict(m.conditions) for m in load_planset(out_dir).members}
 
 
-def write_planset(planset: PlanSet, out_dir: Path, /) -> Path:
-    """Recipes first, then the manifest (atomic each), then stale recipes removed."""
+def write_planset(planset: PlanSet, out_dir: Path, /, *, store: ShardStore | None = None
+                  ) -> Path:
+    """Recipes first, then the manifest (atomic each), then stale recipes removed; the plan
+    set registered with `store`, whose pruning then keeps its shards."""
     folder = Path(out_dir) / "recipes"
     keep = set()
     for m in planset.members:
@@ -622,6 +608,8 @@ def write_planset(planset: PlanSet, out_dir: Path, /) -> Path:
     for stale in folder.glob("*.txt"):
         if stale.name not in keep:
             stale.unlink()
+    if store is not None:
+        store.register(planset, saved)
     return saved
 
 
@@ -649,46 +637,130 @@ def find_source(planset: PlanSet, /, *, source: Path | None = None,
                      "the default model nor at its recorded path; give it with --model")
 
 
-def materialize(planset: PlanSet, state_dir: Path, *, members: Sequence[Member] | None = None,
-                source: Path | None = None, workspace: Workspace | None = None,
+def materialize(planset: PlanSet, /, *, workspace: Workspace,
+                members: Sequence[Member] | None = None, source: Path | None = None,
+                manifest: Path | None = None, deep: bool = False,
                 progress: Progress = no_progress) -> dict[str, Path]:
-    """Rebuild members (all by default) into `state_dir` from their recipes and check each
-    sha256 against the manifest; files already there with the right sha256 are kept."""
-    workspace = workspace or Workspace()
-    state_dir = Path(state_dir)
+    """Make members (all by default) loadable in the workspace's state dir: assembled from the
+    shard store, each missing shard quantized from the source's F16 reference and checked
+    against the manifest's sha256. With `manifest`, the plan set is registered with the store
+    (pruning keeps its shards); `deep` re-hashes every shard first."""
+    store = workspace.store
+    if source is not None:  # a model given is checked, needed or not
+        find_source(planset, source=source, workspace=workspace)
     chosen = list(planset.members if members is None else members)
-    found: dict[str, Path] = {}
-    todo = []
+    assemblies = {m.id: Assembly(tuple(member_shards(planset, m))) for m in chosen}
+    if manifest is not None:
+        store.register(planset, manifest)
+    missing: set[str] = set()
     for m in chosen:
-        path = state_dir / member_filename(planset, m)
-        if path.is_file() and workspace.sha256(path) == m.file_sha256:
-            found[m.id] = path
-        else:
-            todo.append(m)
-    if todo:
-        src = find_source(planset, source=source, workspace=workspace)
-        view = read_model(src)
-        ref = reference_file(src, workspace=workspace, progress=progress)
-        for k, m in enumerate(todo):
-            progress(f"building {m.label} ({k + 1}/{len(todo)})", k / len(todo))
-            path = state_dir / member_filename(planset, m)
-            path.unlink(missing_ok=True)
-            found[m.id] = _build(view, planset.model.sha256, m.recipe, m.base_type, ref, path,
-                                 threads=planset.serving.threads, expect_sha256=m.file_sha256,
-                                 label=f"{m.id} ({m.label})")
-        progress("done", 1.0)
-    return {m.id: found[m.id] for m in chosen}
+        missing |= set(store.check(assemblies[m.id].shards, deep=deep)[0])
+    if missing:
+        progress(f"building {len(missing)} missing shards", 0.0)
+        fill_shards(planset, missing, workspace=workspace, source=source,
+                    progress=lambda w, f: progress(w, 0.9 * f))
+    found = {}
+    for k, m in enumerate(chosen):
+        found[m.id] = store.assemble(assemblies[m.id])
+        progress(f"assembled {m.label}", 0.9 + 0.1 * (k + 1) / len(chosen))
+    return found
+
+
+def fill_shards(planset: PlanSet, shas: Iterable[str], /, *, workspace: Workspace,
+                source: Path | None = None, progress: Progress = no_progress) -> None:
+    """Build the plan set's shards `shas` from the F16 reference of its model (found as
+    `find_source` finds it), each checked against the manifest."""
+    table = planset.store
+    if table is None:
+        raise InputError(f"plan set {planset.name} has no shard table: upgrade it with "
+                         "`apreqel planset upgrade`")
+    shas = set(shas)
+    wanted: dict[str, set[str]] = {}
+    for name, by in table.shards.items():
+        for q, sha in by.items():
+            if sha in shas:
+                wanted.setdefault(name, set()).add(q)
+    bases = [b for b, sha in table.metadata.items() if sha in shas] or list(table.metadata)[:1]
+    src = find_source(planset, source=source, workspace=workspace)
+    ref = reference_file(src, workspace=workspace, progress=progress)
+    fill(workspace.store, ref, planset.model.sha256, wanted, bases=bases,
+         threads=planset.serving.threads, expected=table, progress=progress)
+
+
+def export_member(planset: PlanSet, member: Member, out: Path, /, *, workspace: Workspace,
+                  source: Path | None = None) -> Path:
+    """One member as one ordinary GGUF for stock llama.cpp tools (byte for byte what `apreqel
+    build` writes for its recipe), checked against the manifest's file sha256 where known."""
+    path = materialize(planset, workspace=workspace, members=[member], source=source)[member.id]
+    view = read_model(path)
+    plan = member_plan(view, planset.model.sha256, member.recipe, member.base_type)
+    out = Path(out)
+    if out.is_dir():
+        raise InputError(f"output path is a directory: {out}")
+    export_gguf(path, plan, out)
+    if member.file_sha256 is not None and file_sha256(out) != member.file_sha256:
+        out.unlink()
+        raise PlanError(f"the export of {member.id} differs from the manifest's file sha256 "
+                        "(another llama.cpp build?)")
+    return out
+
+
+def upgrade_planset(folder: Path, /, *, workspace: Workspace, source: Path | None = None,
+                    progress: Progress = no_progress) -> PlanSet:
+    """A format-1 plan set (members rebuilt from recipes) as format 2 (assembled from the
+    store): shards built, each member's export checked byte for byte against the sha256 its
+    old build had, its serving footprint measured again as the store serves it (split files),
+    then the front and the presets recomputed. Nothing else is re-measured."""
+    planset = load_planset(folder)
+    if planset.format >= 2 and planset.store is not None:
+        return planset
+    src = find_source(planset, source=source, workspace=workspace)
+    ref = reference_file(src, workspace=workspace, progress=progress)
+    table, found = assembled(workspace.store, ref, planset.model.sha256,
+                             {m.id: (m.recipe, m.base_type) for m in planset.members},
+                             threads=planset.serving.threads,
+                             progress=lambda w, f: progress(w, 0.2 * f))
+    view = read_model(src)
+    members = []
+    with tempfile.TemporaryDirectory(dir=workspace.root, prefix=".upgrade-") as tmp:
+        for k, m in enumerate(planset.members):
+            path, assembly = found[m.id]
+            progress(f"checking {m.id} ({k + 1}/{len(planset.members)})",
+                     0.2 + 0.8 * k / len(planset.members))
+            out = export_gguf(path, member_plan(view, planset.model.sha256, m.recipe,
+                                                m.base_type), Path(tmp) / "member.gguf")
+            if m.file_sha256 is not None and file_sha256(out) != m.file_sha256:
+                raise PlanError(f"member {m.id} assembled from the store differs from its "
+                                "old build (another llama.cpp build or model?)")
+            size = out.stat().st_size
+            out.unlink()
+            foot = cached_footprint(path, workspace=workspace, n_ctx=planset.serving.n_ctx,
+                                    threads=planset.serving.threads,
+                                    gpu_layers=planset.serving.gpu_layers)
+            measured = m.measured.model_copy(update={"footprint_bytes": foot["footprint_bytes"]})
+            members.append(m.model_copy(update={"assembly_sha256": assembly.identity,
+                                                "file_bytes": size, "measured": measured}))
+    members = with_front(members, planset.accuracy)
+    upgraded = PlanSet.model_validate(planset.model_copy(update={
+        "format": 2, "store": used_table(table, members), "members": members,
+        "presets": compare_presets(members, [(p.name, p.member) for p in planset.presets],
+                                   planset.accuracy),
+        "notes": [n for n in planset.notes if not n.startswith("footprint =")]
+        + [FOOTPRINT_DEFINITION + " Members are loaded as the store serves them: one split "
+           "file per tensor, reached through links."]}).model_dump())
+    write_planset(upgraded, folder, store=workspace.store)
+    return upgraded
 
 
 def record_condition(folder: Path, condition: str, /, *, workspace: Workspace,
-                     state_dir: Path | None = None, source: Path | None = None,
+                     source: Path | None = None,
                      reps: int | None = None, progress: Progress = no_progress) -> PlanSet:
     """Re-time every member (interleaved rounds, the manifest's protocol) under the machine's
     current condition and store it as `conditions[condition]`; nothing is rebuilt or re-scored."""
     if not condition or not condition.replace("-", "").replace("_", "").isalnum():
         raise InputError(f"condition name must be letters, digits, '-' or '_', got '{condition}'")
     planset = load_planset(folder)
-    latency = _retimed_rounds(planset, workspace=workspace, state_dir=state_dir, source=source,
+    latency = _retimed_rounds(planset, workspace=workspace, source=source,
                               reps=reps, condition=condition, run="default", progress=progress)
     members = [m.model_copy(update={"conditions": dict(m.conditions) | {
         condition: latency[m.id]}}) for m in planset.members]
@@ -697,15 +769,14 @@ def record_condition(folder: Path, condition: str, /, *, workspace: Workspace,
     return updated
 
 
-def retime_planset(folder: Path, /, *, workspace: Workspace, state_dir: Path | None = None,
-           source: Path | None = None, reps: int | None = None,
-           progress: Progress = no_progress) -> PlanSet:
+def retime_planset(folder: Path, /, *, workspace: Workspace, source: Path | None = None,
+                   reps: int | None = None, progress: Progress = no_progress) -> PlanSet:
     """Re-run the main latency column's interleaved rounds (nothing rebuilt or re-scored),
     then recompute the front and the preset comparison. Resumable: an interrupted re-time
     keeps its rounds for the next try."""
     planset = load_planset(folder)
     n = int(planset.protocol.get("retimed", 0)) + 1
-    latency = _retimed_rounds(planset, workspace=workspace, state_dir=state_dir, source=source,
+    latency = _retimed_rounds(planset, workspace=workspace, source=source,
                               reps=reps, condition=None, run=f"retime-{n}", progress=progress)
     members = with_front([m.model_copy(update={"measured": m.measured.model_copy(
         update={"latency": latency[m.id]})}) for m in planset.members], planset.accuracy)
@@ -727,8 +798,8 @@ def retime_planset(folder: Path, /, *, workspace: Workspace, state_dir: Path | N
     return updated
 
 
-def _retimed_rounds(planset: PlanSet, /, *, workspace: Workspace, state_dir: Path | None,
-                    source: Path | None, reps: int | None, condition: str | None, run: str,
+def _retimed_rounds(planset: PlanSet, /, *, workspace: Workspace, source: Path | None,
+                    reps: int | None, condition: str | None, run: str,
                     progress: Progress) -> dict[str, LatencyStats]:
     """Materialize every member, then time them all in interleaved rounds (the manifest's
     protocol, `reps` rounds if given)."""
@@ -736,8 +807,7 @@ def _retimed_rounds(planset: PlanSet, /, *, workspace: Workspace, state_dir: Pat
     protocol = Protocol(n_ctx=p["n_ctx"], chunks=p["chunks"], n_gen=p["n_gen"],
                         reps=reps or p["reps"], threads=p["threads"],
                         gpu_layers=p["gpu_layers"])
-    paths = materialize(planset, Path(state_dir) if state_dir else workspace.root / "state",
-                        source=source, workspace=workspace,
+    paths = materialize(planset, workspace=workspace, source=source,
                         progress=lambda w, f: progress(f"materialize: {w}", f / 4))
     return _interleaved_rounds(paths, workspace=workspace, protocol=protocol,
                                condition=condition, run=run,

@@ -88,7 +88,7 @@ def reference(source_model: Path, workspace: Workspace) -> Reference:
 def device_profile(source_model: Path, workspace: Workspace, reference: Reference) -> dict:
     """The tiny device profile: uniform q4_0 and q8_0 measured; their GGUFs are kept."""
     return measure_types(source_model, types=TINY_TYPES, protocol=PROTOCOL,
-                         workspace=workspace, keep_models=True)
+                         workspace=workspace)
 
 
 def written_uniform(view: ModelView, type_name: str) -> dict[str, str]:
@@ -99,8 +99,10 @@ def written_uniform(view: ModelView, type_name: str) -> dict[str, str]:
 
 
 def uniform_path(workspace: Workspace, reference: Reference, type_name: str) -> Path:
-    """Where measure_types keeps the uniform model of `type_name` (outside tensors q8_0)."""
-    return workspace.model_dir(reference.source_sha256) / f"uniform-{type_name}-q8_0.gguf"
+    """The uniform model of `type_name` (outside tensors q8_0) as measure_types measured it:
+    assembled from the session's shard store (building nothing once its shards are there)."""
+    return measure.uniform_gguf(reference, qtype(type_name), outside=qtype("q8_0"),
+                                workspace=workspace, threads=THREADS)
 
 
 @pytest.fixture(scope="session")
@@ -116,58 +118,61 @@ def layer_profile(source_model: Path, workspace: Workspace, reference: Reference
 @dataclass
 class MeasureHistory:
     """What measure_types did in each run: the models it measured (type names, "f16" for the
-    reference) and the models it quantized, in order."""
+    reference), the types whose tensors it quantized (in order of first use) and how many."""
 
     interrupted: list[str] = field(default_factory=list)
     interrupted_quantized: list[str] = field(default_factory=list)
-    part_files_during_interrupt: list[Path] = field(default_factory=list)
+    interrupted_tensors: int = 0
     part_files_after_interrupt: list[Path] = field(default_factory=list)
-    interrupted_ggufs_left: list[Path] = field(default_factory=list)
     second: list[str] = field(default_factory=list)
     second_quantized: list[str] = field(default_factory=list)
+    second_tensors: int = 0
     second_profile: dict = field(default_factory=dict)
     rerun: list[str] = field(default_factory=list)
     rerun_quantized: list[str] = field(default_factory=list)
     rerun_profile: dict = field(default_factory=dict)
 
 
+# The interrupted run stops on this q5_0 tensor: the ones before it are built and kept.
+INTERRUPT_AFTER = 2
+
+
 def _model_label(path: Path) -> str:
-    """'q5_0' for .../uniform-q5_0-q8_0.gguf (or its temporary file), 'f16' for the reference."""
-    name = Path(path).name.lstrip(".")
-    if name.startswith("uniform-"):
-        return name.split("-")[1]
-    if name.startswith("reference-f16"):
+    """'f16' for the reference, else the model's dominant type ('q5_0' for uniform q5_0)."""
+    if Path(path).name.startswith("reference-f16"):
         return "f16"
-    return name
+    view = read_model(path)
+    return view.file_type.name if view.file_type else Path(path).name
 
 
 @pytest.fixture(scope="session")
 def measure_history(source_model: Path, workspace: Workspace, reference: Reference,
                     device_profile: dict) -> MeasureHistory:
     """After the tiny profile (q4_0,q8_0): an interrupted run of q4_0,q5_1,q5_0,q8_0 (the
-    quantization of q5_0 is interrupted with KeyboardInterrupt once llama.cpp has written its
-    temporary file), then q4_0,q5_0,q8_0, then the interrupted command again.
+    shards of q5_0 are being built when KeyboardInterrupt comes, after INTERRUPT_AFTER of
+    them), then q4_0,q5_0,q8_0, then the interrupted command again.
 
-    measure.measure_file and engine.quantize are wrapped to record their calls; the wrapped
-    functions are the real ones, so every measurement really runs llama.cpp."""
+    measure.measure_file and engine.quantize_tensor are wrapped to record their calls; the
+    wrapped functions are the real ones, so every measurement really runs llama.cpp."""
     history = MeasureHistory()
     real_measure_file = measure.measure_file
-    real_quantize = engine.quantize
+    real_quantize = engine.quantize_tensor
     measured: list[str] = []
     quantized: list[str] = []
-    interrupt_on: list[str] = [INTERRUPTED_ON]
+    interrupt: list[int] = [INTERRUPT_AFTER]
 
     def recording_measure_file(path: Path, /, **kwargs: object) -> dict:
         measured.append(_model_label(path))
         return real_measure_file(path, **kwargs)
 
-    def interruptible_quantize(src: Path, dst: Path, /, **kwargs: object) -> None:
-        quantized.append(_model_label(dst))
-        real_quantize(src, dst, **kwargs)
-        if interrupt_on and _model_label(dst) == interrupt_on[0]:
-            interrupt_on.clear()
-            history.part_files_during_interrupt = sorted(workspace.root.rglob("*.part"))
-            raise KeyboardInterrupt
+    def interruptible_quantize(rows, type_name: str, /, **kwargs: object):
+        if interrupt and type_name == INTERRUPTED_ON:
+            if interrupt[0] == 0:
+                interrupt.clear()
+                raise KeyboardInterrupt
+            interrupt[0] -= 1
+        quantized.append(type_name)
+        return real_quantize(rows, type_name, **kwargs)
 
     def run(types: str) -> tuple[list[str], list[str], dict]:
         measured.clear()
@@ -176,18 +181,20 @@ def measure_history(source_model: Path, workspace: Workspace, reference: Referen
                                 workspace=workspace)
         return list(measured), list(quantized), profile
 
-    folder = workspace.model_dir(reference.source_sha256)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(measure, "measure_file", recording_measure_file)
-        mp.setattr(engine, "quantize", interruptible_quantize)
+        mp.setattr(engine, "quantize_tensor", interruptible_quantize)
         with pytest.raises(KeyboardInterrupt):
             run(INTERRUPTED_TYPES)
         history.interrupted = list(measured)
-        history.interrupted_quantized = list(quantized)
+        history.interrupted_quantized = list(dict.fromkeys(quantized))
+        history.interrupted_tensors = quantized.count(INTERRUPTED_ON)
         history.part_files_after_interrupt = sorted(workspace.root.rglob("*.part"))
-        history.interrupted_ggufs_left = sorted(folder.glob(f"*{INTERRUPTED_ON}*"))
-        history.second, history.second_quantized, history.second_profile = run("q4_0,q5_0,q8_0")
-        history.rerun, history.rerun_quantized, history.rerun_profile = run(INTERRUPTED_TYPES)
+        history.second, second_quantized, history.second_profile = run("q4_0,q5_0,q8_0")
+        history.second_quantized = list(dict.fromkeys(second_quantized))
+        history.second_tensors = second_quantized.count(INTERRUPTED_ON)
+        history.rerun, rerun_quantized, history.rerun_profile = run(INTERRUPTED_TYPES)
+        history.rerun_quantized = list(dict.fromkeys(rerun_quantized))
     return history
 
 

@@ -179,7 +179,8 @@ def test_study_end_to_end(run_cli: CliRunner, device_profile: dict, layer_profil
     configs.write_text("0.9,0.05,0.05 Memory mem\n0.05,0.05,0.9 Accuracy acc\n")
     out = tmp_path / "study"
     result = run_cli("study", "-o", out, "--configs", configs, "--types", TINY_TYPES,
-                     *CLI_PROTOCOL_ARGS, *CAL, "--no-interleave", timeout=600)
+                     *CLI_PROTOCOL_ARGS, *CAL, "--no-interleave", "--allow-disturbed-latency",
+                     timeout=600)
     assert result.returncode == 0, result.stderr
     study = json.loads((out / "study.json").read_text())
     assert [m["name"] for m in study["models"]] == ["mem", "acc"]

@@ -2,7 +2,7 @@
 
 Each module may import only from its own layer or the ones below; `core` is pure (standard
 library, numpy and moocore; no files); only `engine.py` imports llama_cpp; the daemon never
-imports the paper's evaluation.
+imports the paper's evaluation, planning, or anything that quantizes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("apreqeld.storage", "apreqeld.resources", "apreqeld.manifest"),
     ("apreqeld.engine",),
     ("apreqeld.gguf",),
+    ("apreqeld.store",),
     ("apreqeld.evidence",),
     ("apreqeld.build",),
     ("apreqeld.workflow", "apreqeld.aiming", "apreqeld.planset", "apreqeld.study"),
@@ -33,7 +34,10 @@ CORE_THIRD_PARTY = {"numpy", "moocore"}
 FILE_MODULES = {"os", "io", "pathlib", "shutil", "tempfile", "glob", "mmap", "sqlite3"}
 FILE_CALLS = {"open", "read_text", "write_text", "read_bytes", "write_bytes", "unlink",
               "mkdir", "load", "save", "savez", "loadtxt", "savetxt", "fromfile", "tofile"}
-FORBIDDEN = {"apreqeld.runtime": ("apreqeld.study", "apreqeld.workflow"),
+# The daemon never quantizes in its supervisor: building shards (store.fill, build) is a child
+# process's job, started as a command, never imported.
+FORBIDDEN = {"apreqeld.runtime": ("apreqeld.study", "apreqeld.workflow", "apreqeld.planset",
+                                  "apreqeld.store.fill", "apreqeld.build", "apreqeld.aiming"),
              "apreqeld.client": ("apreqeld.engine", "apreqeld.study", "apreqeld.workflow")}
 
 

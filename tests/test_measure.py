@@ -20,9 +20,11 @@ from apreqeld.evidence.measurement import measure_types, order_types
 from apreqeld.evidence.protocol import Protocol
 from apreqeld.evidence.reference import Reference
 from apreqeld.evidence.workspace import Workspace
+from apreqeld.gguf.split import split_files
 from apreqeld.gguf.view import ModelView
 from apreqeld.resources import evaluation_text
 from support import (
+    INTERRUPT_AFTER,
     INTERRUPTED_ON,
     PROTOCOL,
     THREADS,
@@ -122,10 +124,10 @@ def test_uniform_memory_is_the_sum_of_its_tensor_bytes(
         device_profile: dict, workspace: Workspace, reference: Reference,
         source_view: ModelView) -> None:
     path = uniform_path(workspace, reference, "q4_0")
-    reader = GGUFReader(path)
+    tensors = [t for f in split_files(path) for t in GGUFReader(f).tensors]
     measured = device_profile["uniform"]["q4_0"]["measured"]
-    assert measured["memory_bytes"] == sum(int(t.n_bytes) for t in reader.tensors)
-    stored = {t.name: from_ggml(t.tensor_type).name for t in reader.tensors}
+    assert measured["memory_bytes"] == sum(int(t.n_bytes) for t in tensors)
+    stored = {t.name: from_ggml(t.tensor_type).name for t in tensors}
     q4_0, q8_0 = qtype("q4_0"), qtype("q8_0")
     for s in source_view.sublayers:
         for t in s.tensors:
@@ -137,7 +139,7 @@ def test_uniform_memory_is_the_sum_of_its_tensor_bytes(
     quantizable = Counter(stored[t.name] for t in source_view.tensors if t.quantizable)
     assert measured["tensor_types"] == dict(quantizable)
     # what the profile predicts for the sublayers is what the file holds
-    sublayer_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("blk."))
+    sublayer_bytes = sum(int(t.n_bytes) for t in tensors if t.name.startswith("blk."))
     assert device_profile["uniform"]["q4_0"]["sublayer_bytes"] == sublayer_bytes
 
 
@@ -246,17 +248,21 @@ def test_second_run_reuses_the_stored_measurements(measure_history: MeasureHisto
 
 
 @pytest.mark.integration
-def test_interrupted_run_keeps_finished_types_and_leaves_no_partial_files(
-        measure_history: MeasureHistory, workspace: Workspace) -> None:
+def test_interrupted_run_keeps_finished_work_and_leaves_no_partial_files(
+        measure_history: MeasureHistory, workspace: Workspace, source_view: ModelView) -> None:
     # the interrupted run measured q5_1 (q8_0 was stored), then was interrupted on q5_0
     assert measure_history.interrupted == ["q5_1"]
     assert measure_history.interrupted_quantized == ["q5_1", INTERRUPTED_ON]
-    # a temporary file existed when the interruption hit, and is gone afterwards
-    assert [p.name for p in measure_history.part_files_during_interrupt] != []
-    assert all(p.name.endswith(".part") for p in measure_history.part_files_during_interrupt)
+    # the interrupt lands on a q5_0 tensor; what was queued after it is dropped (a tensor
+    # already being quantized on another thread may still finish)
+    done = measure_history.interrupted_tensors
+    assert INTERRUPT_AFTER <= done <= INTERRUPT_AFTER + PROTOCOL.threads
+    # nothing half-written is left, and every shard built before the interrupt is kept: the
+    # next run quantizes only the q5_0 tensors that were not built
     assert measure_history.part_files_after_interrupt == []
-    assert measure_history.interrupted_ggufs_left == []
-    # the rerun of the same command measures nothing it already has
+    sublayer_tensors = sum(t.quantizable for s in source_view.sublayers for t in s.tensors)
+    assert measure_history.second_tensors == sublayer_tensors - done
+    # the rerun of the same command measures and quantizes nothing it already has
     assert measure_history.rerun == []
     assert measure_history.rerun_quantized == []
     assert measure_history.rerun_profile["types"] == ["q8_0", "q5_1", "q5_0", "q4_0"]
@@ -265,13 +271,18 @@ def test_interrupted_run_keeps_finished_types_and_leaves_no_partial_files(
 
 
 @pytest.mark.integration
-def test_measurements_not_kept_leave_no_gguf(measure_history: MeasureHistory,
-                                             workspace: Workspace, reference: Reference) -> None:
+def test_uniform_models_are_links_into_the_store(measure_history: MeasureHistory,
+                                                 workspace: Workspace,
+                                                 reference: Reference) -> None:
+    """No uniform model is a file of its own: each is links to shards, so the store's disk
+    is one copy of each (tensor, type), however many models use it."""
     folder = workspace.model_dir(reference.source_sha256)
-    assert not uniform_path(workspace, reference, "q5_1").exists()
-    assert not uniform_path(workspace, reference, "q5_0").exists()
-    assert sorted(p.name for p in folder.glob("uniform-*.gguf")) == [
-        "uniform-q4_0-q8_0.gguf", "uniform-q8_0-q8_0.gguf"]
+    assert sorted(p.name for p in folder.glob("*.gguf")) == ["reference-f16.gguf"]
+    q5_0, q4_0 = (uniform_path(workspace, reference, t) for t in ("q5_0", "q4_0"))
+    files = [f for m in (q5_0, q4_0) for f in split_files(m)]
+    assert files and all(f.is_symlink() for f in files)
+    shared = {f.resolve() for f in split_files(q5_0)} & {f.resolve() for f in split_files(q4_0)}
+    assert len(shared) >= 1 + len(reference.source.outside)  # metadata and outside tensors
 
 
 @pytest.mark.integration

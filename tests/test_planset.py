@@ -1,6 +1,7 @@
 """Plan sets: the manifest schema, merging of identical plans, the measured front against an
 independent computation, and on the real model: an interrupted run resumed without measuring
-anything twice, byte-for-byte materialization, and a recorded device condition."""
+anything twice, materialization from the shard store, export byte for byte as `apreqel build`,
+and a recorded device condition."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apreqeld import engine
 from apreqeld import planset as P
+from apreqeld.build import build_gguf
 from apreqeld.core.frontier import dominated_by, simplex_grid, unique_vectors
 from apreqeld.core.metrics import latency_stats
 from apreqeld.core.pareto import nondominated
@@ -18,8 +21,9 @@ from apreqeld.errors import InputError, PlanError
 from apreqeld.evidence import footprint as FP
 from apreqeld.evidence.reference import Reference
 from apreqeld.evidence.workspace import Workspace
-from apreqeld.gguf.view import ModelView, file_sha256
-from apreqeld.manifest import PlanSet, load_planset, member_filename, parse_planset
+from apreqeld.gguf.view import ModelView, read_model
+from apreqeld.manifest import Member, PlanSet, load_planset, member_shards, parse_planset
+from apreqeld.store.shards import Assembly, model_identity
 from support import CLI_PROTOCOL_ARGS, PROTOCOL, TINY_TYPES, CliRunner
 
 # Three types: with only two, every TOPSIS plan on this model is a uniform one.
@@ -82,7 +86,8 @@ def manifest_dict() -> dict:
               "file_bytes": 10, "weights": [[1, 0, 0]], "pareto": True,
               "measured": {"parameter_bytes": 9, "footprint_bytes": 20, "latency": latency,
                            "ppl": 20.0, "ppl_se": 1.0, "kld": 0.01, "kld_se": 0.001}}
-    return {"name": "x", "created": "2026", "engine": "e", "device": {}, "protocol": {},
+    return {"format": 1, "name": "x", "created": "2026", "engine": "e", "device": {},
+            "protocol": {},
             "model": {"name": "m", "sha256": "c" * 64, "path": "/m", "architecture": "llama"},
             "serving": {"n_ctx": 512, "threads": 1, "gpu_layers": 0}, "members": [member]}
 
@@ -94,7 +99,7 @@ def manifest_dict() -> dict:
      "members.0.measured.footprint_bytes"),
     (lambda d: d["members"][0].update(kind="other"), "members.0.kind"),
     (lambda d: d["members"].append(dict(d["members"][0])), "members"),
-    (lambda d: d.update(format=2), "format"),
+    (lambda d: d.update(format=3), "format"),
     (lambda d: d["members"][0].update(surprise=1), "members.0.surprise"),
 ])
 def test_bad_manifests_are_rejected_naming_the_field(edit, field: str) -> None:
@@ -104,6 +109,27 @@ def test_bad_manifests_are_rejected_naming_the_field(edit, field: str) -> None:
     with pytest.raises(InputError) as exc:
         parse_planset(data)
     assert f": {field}:" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_format_2_needs_members_that_assemble() -> None:
+    data = manifest_dict()
+    member = data["members"][0]
+    table = {"engine": "e", "tensors": ["blk.0.attn_q.weight", "blk.0.attn_norm.weight"],
+             "metadata": {"q8_0": "1" * 64}, "fixed": {"blk.0.attn_norm.weight": "2" * 64},
+             "shards": {"blk.0.attn_q.weight": {"q8_0": "3" * 64}}}
+    data |= {"format": 2, "store": table}
+    member["assembly_sha256"] = Assembly(("1" * 64, "2" * 64, "3" * 64)).identity
+    with pytest.raises(InputError, match="member a{12}: assembly_sha256 is not that of its"):
+        parse_planset(data)  # the shards are in split order: metadata, attn_q, the norm
+    member["assembly_sha256"] = Assembly(("1" * 64, "3" * 64, "2" * 64)).identity
+    assert parse_planset(data).members[0].assembly_sha256 == member["assembly_sha256"]
+    member["recipe"] = {"blk.0.attn_q.weight": "q4_0"}
+    with pytest.raises(InputError, match="cannot be assembled: no shard of "
+                                         "blk.0.attn_q.weight as q4_0"):
+        parse_planset(data)
+    data.pop("store")
+    with pytest.raises(InputError, match="needs its shard table"):
+        parse_planset(data)
 
 
 def test_cli_reports_a_bad_manifest_in_one_line(tmp_path: Path, run_cli: CliRunner) -> None:
@@ -147,7 +173,6 @@ def tiny_planset(source_model: Path, workspace: Workspace, reference: Reference,
     """An interrupted run (stopped at the third footprint), then the same run resumed, with
     every measurement recorded."""
     out = tmp_path_factory.mktemp("plans") / "tiny"
-    state = tmp_path_factory.mktemp("state")
     calls: dict[str, list[str]] = {"accuracy": [], "footprint": [], "latency": []}
     real = {"accuracy": P.measure_file, "footprint": FP.measure_footprint}
     stop_after = [2]
@@ -169,7 +194,7 @@ def tiny_planset(source_model: Path, workspace: Workspace, reference: Reference,
         fractions.clear()
         return P.run_planset(source_model, out, workspace=workspace, protocol=PROTOCOL,
                              types=PLANSET_TYPES, step=0.5, paper=False,
-                             calibration_tokens=256, serving_ctx=256, state_dir=state,
+                             calibration_tokens=256, serving_ctx=256,
                              presets="none",  # presets: tests/test_presets.py
                              progress=lambda what, f: fractions.append((f, what)))
 
@@ -183,7 +208,7 @@ def tiny_planset(source_model: Path, workspace: Workspace, reference: Reference,
         for v in calls.values():
             v.clear()
         planset = run()
-    return {"planset": planset, "out": out, "state": state, "first": first,
+    return {"planset": planset, "out": out, "first": first,
             "fractions": list(fractions),
             "second": calls, "written_after_interrupt": written_after_interrupt}
 
@@ -196,7 +221,7 @@ def test_interrupted_run_resumes_without_measuring_twice(tiny_planset: dict) -> 
         assert not set(first[kind]) & set(second[kind]), kind
     planset = tiny_planset["planset"]
     measured_files = set(first["footprint"]) | set(second["footprint"])
-    assert {member_filename(planset, m) for m in planset.members} == measured_files
+    assert {first_split(planset, m).name for m in planset.members} == measured_files
 
 
 def test_progress_only_moves_forward(tiny_planset: dict) -> None:
@@ -218,20 +243,31 @@ def test_manifest_and_recipes(tiny_planset: dict) -> None:
     for m in planset.members:
         assert m.measured.latency.n == PROTOCOL.reps
         assert m.measured.footprint_bytes > 0 and m.measured.parameter_bytes > 0
-        assert P.gguf_name(planset.model.sha256, m.id) == member_filename(planset, m)
-    assert planset.serving.n_ctx == 256 and planset.serving.baseline_rss_bytes > 0
+        assert Assembly(tuple(member_shards(planset, m))).identity == m.assembly_sha256
+    assert planset.format == 2 and planset.serving.n_ctx == 256
+    assert planset.serving.baseline_rss_bytes > 0
 
 
-def test_materialize_reproduces_every_sha256(tiny_planset: dict, workspace: Workspace,
-                                             tmp_path: Path) -> None:
+def first_split(planset: PlanSet, member: Member) -> Path:
+    """The file a member is loaded from (the first split of its assembly)."""
+    assembly = Assembly(tuple(member_shards(planset, member)))
+    name = assembly.identity[:16]
+    return Path(name) / f"{name}-00001-of-{assembly.count:05d}.gguf"
+
+
+def test_materialize_assembles_the_measured_models(tiny_planset: dict, workspace: Workspace,
+                                                   tmp_path: Path) -> None:
+    """Into an empty state dir: every shard quantized again from the reference and checked
+    against the manifest, every member the model that was measured (same identity)."""
     planset = tiny_planset["planset"]
-    paths = P.materialize(planset, tmp_path / "fresh", workspace=workspace)
+    fresh = Workspace(workspace.root, state_dir=tmp_path / "fresh")
+    paths = P.materialize(planset, workspace=fresh)
     for m in planset.members:
-        assert file_sha256(paths[m.id]) == m.file_sha256
-        built_first = tiny_planset["state"] / member_filename(planset, m)
-        assert built_first.read_bytes() == paths[m.id].read_bytes()
-    again = P.materialize(planset, tmp_path / "fresh", workspace=workspace)  # all kept
-    assert again == paths
+        assert model_identity(paths[m.id]) == m.assembly_sha256
+        assert paths[m.id] == fresh.state_dir / "members" / first_split(planset, m)
+    quantized = dict(engine.QUANTIZED)
+    assert P.materialize(planset, workspace=fresh) == paths  # all there: links only
+    assert engine.QUANTIZED == quantized
 
 
 def test_materialize_front_builds_only_the_front(tiny_planset: dict, run_cli: CliRunner,
@@ -239,21 +275,43 @@ def test_materialize_front_builds_only_the_front(tiny_planset: dict, run_cli: Cl
     planset, out = tiny_planset["planset"], tiny_planset["out"]
     done = run_cli("planset", "materialize", out, "--front", "--state-dir", tmp_path / "front")
     assert done.returncode == 0, done.stderr
-    built = sorted(p.name for p in (tmp_path / "front").glob("*.gguf"))
-    assert built == sorted(member_filename(planset, m) for m in planset.pareto_members)
+    built = sorted(p.name for p in (tmp_path / "front" / "members").iterdir())
+    assert built == sorted(first_split(planset, m).parent.name for m in planset.pareto_members)
 
 
-def test_materialize_refuses_a_wrong_sha256(tiny_planset: dict, workspace: Workspace,
-                                            tmp_path: Path) -> None:
+def test_materialize_refuses_a_shard_that_comes_out_different(
+        tiny_planset: dict, workspace: Workspace, tmp_path: Path) -> None:
     planset = tiny_planset["planset"]
-    bad = planset.members[0].model_copy(update={"file_sha256": "0" * 64})
-    broken = planset.model_copy(update={"members": [bad]})
-    with pytest.raises(PlanError, match=f"member {bad.id}"):
-        P.materialize(broken, tmp_path / "state", workspace=workspace)
-    assert list((tmp_path / "state").iterdir()) == []  # nothing partial left
+    name, by = next(iter(planset.store.shards.items()))
+    wrong = planset.store.model_copy(update={"shards": planset.store.shards | {
+        name: {q: "0" * 64 for q in by}}})
+    broken = planset.model_copy(update={"store": wrong})
+    fresh = Workspace(workspace.root, state_dir=tmp_path / "state")
+    with pytest.raises(PlanError, match="came out with sha256 .* the plan set says 000000"):
+        P.materialize(broken, workspace=fresh)
+    assert list((tmp_path / "state" / "members").iterdir()) == []  # nothing assembled
     with pytest.raises(InputError, match="not the plan set's model"):
-        P.materialize(broken, tmp_path / "state", workspace=workspace,
-                      source=tiny_planset["state"] / member_filename(planset, bad))
+        P.materialize(planset, workspace=fresh,
+                      source=workspace.state_dir / "members" / first_split(planset,
+                                                                           planset.members[0]))
+
+
+def test_export_is_the_file_apreqel_build_writes(tiny_planset: dict, workspace: Workspace,
+                                                 reference: Reference, run_cli: CliRunner,
+                                                 tmp_path: Path) -> None:
+    """A member exported from the store is byte for byte the single GGUF `apreqel build` (one
+    llama.cpp quantization of the reference) writes for its recipe."""
+    planset, out = tiny_planset["planset"], tiny_planset["out"]
+    member = next(m for m in planset.members if m.kind == "mix")
+    done = run_cli("planset", "export", out, member.id[:6], "-o", tmp_path / "one.gguf")
+    assert done.returncode == 0, done.stderr
+    plan = P.member_plan(reference.source, planset.model.sha256, member.recipe,
+                         member.base_type)
+    built = build_gguf(plan, reference.path, tmp_path / "built.gguf", threads=1)
+    assert (tmp_path / "one.gguf").read_bytes() == built.read_bytes()
+    assert read_model(tmp_path / "one.gguf").plan_id == plan["plan_id"]
+    bad = run_cli("planset", "export", out, "ffff", "-o", tmp_path / "x.gguf")
+    assert bad.returncode == 1 and "no single plan-set member 'ffff'" in bad.error_lines[0]
 
 
 def test_condition_retimes_without_rebuilding(tiny_planset: dict, workspace: Workspace,
@@ -264,10 +322,10 @@ def test_condition_retimes_without_rebuilding(tiny_planset: dict, workspace: Wor
         raise AssertionError("a condition must not rebuild or re-score")
 
     monkeypatch.setattr(P, "measure_file", forbidden)
-    monkeypatch.setattr(P, "build_gguf", forbidden)
+    monkeypatch.setattr(engine, "quantize_tensor", forbidden)
+    monkeypatch.setattr(engine, "quantize", forbidden)
     monkeypatch.setattr(FP, "measure_footprint", forbidden)
-    updated = P.record_condition(out, "busy", workspace=workspace,
-                                 state_dir=tiny_planset["state"])
+    updated = P.record_condition(out, "busy", workspace=workspace)
     assert all(m.conditions["busy"].n == PROTOCOL.reps for m in updated.members)
     before = {m.id: m.measured for m in tiny_planset["planset"].members}
     assert all(m.measured == before[m.id] for m in updated.members)

@@ -19,8 +19,10 @@ from apreqeld.errors import InputError
 from apreqeld.evidence import footprint as FP
 from apreqeld.evidence.reference import Reference
 from apreqeld.evidence.workspace import Workspace
-from apreqeld.gguf.view import ModelView, file_sha256, read_model
+from apreqeld.gguf.split import split_files
+from apreqeld.gguf.view import ModelView, read_model
 from apreqeld.manifest import PlanSet, load_planset, parse_planset
+from apreqeld.store.shards import model_identity
 from support import PROTOCOL, TINY_TYPES
 
 TINY_PRESETS = "Q4_K_M,Q4_0"
@@ -111,11 +113,10 @@ def test_only_presets_llama_cpp_accepts(probes: dict, source_view: ModelView) ->
 def preset_planset(source_model: Path, workspace: Workspace, device_profile: dict,
                    layer_profile: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("plans") / "presets"
-    state = tmp_path_factory.mktemp("state")
     planset = P.run_planset(source_model, out, workspace=workspace, protocol=PROTOCOL,
                             types=TINY_TYPES, step=0.5, paper=False, calibration_tokens=256,
-                            serving_ctx=384, state_dir=state, presets=TINY_PRESETS, aim=False)
-    return {"planset": planset, "out": out, "state": state}
+                            serving_ctx=384, presets=TINY_PRESETS, aim=False)
+    return {"planset": planset, "out": out}
 
 
 def test_presets_are_members_and_compared(preset_planset: dict) -> None:
@@ -140,23 +141,25 @@ def test_presets_are_members_and_compared(preset_planset: dict) -> None:
     assert load_planset(preset_planset["out"]) == ps
 
 
-def test_preset_replay_is_the_preset(preset_planset: dict, reference: Reference,
-                                     workspace: Workspace, tmp_path: Path) -> None:
-    """Materialized preset members match the manifest's sha256, and their tensors are the
-    bytes llama.cpp's own preset writes."""
+def test_preset_assembled_from_the_store_is_the_preset(preset_planset: dict,
+                                                       reference: Reference,
+                                                       workspace: Workspace,
+                                                       tmp_path: Path) -> None:
+    """A preset member assembled from shards (quantized one tensor at a time, from an empty
+    state dir) has the bytes llama.cpp's own preset (its own mixing, one quantization of the
+    whole model) writes, tensor by tensor."""
     ps: PlanSet = preset_planset["planset"]
-    members = [m for m in ps.members if m.kind == "preset"]
-    paths = P.materialize(ps, tmp_path / "fresh", members=members, workspace=workspace)
-    for m in members:
-        assert file_sha256(paths[m.id]) == m.file_sha256
-    m = next(m for m in members if m.ftype == "Q4_K_M")
+    m = next(m for m in ps.members if m.ftype == "Q4_K_M")
+    fresh = Workspace(workspace.root, state_dir=tmp_path / "fresh")
+    path = P.materialize(ps, workspace=fresh, members=[m])[m.id]
+    assert model_identity(path) == m.assembly_sha256
     direct = tmp_path / "direct.gguf"
     engine.quantize(reference.path, direct, ftype=preset_ftype("Q4_K_M"), pure=False,
                     threads=PROTOCOL.threads)
-    ours = {t.name: bytes(t.data) for t in gguf.GGUFReader(paths[m.id]).tensors}
+    ours = {t.name: bytes(t.data) for f in split_files(path) for t in gguf.GGUFReader(f).tensors}
     theirs = {t.name: bytes(t.data) for t in gguf.GGUFReader(direct).tensors}
     assert ours == theirs
-    assert read_model(direct).tensor_types() == read_model(paths[m.id]).tensor_types()
+    assert read_model(direct).tensor_types() == read_model(path).tensor_types()
 
 
 def test_retime_rebuilds_nothing(preset_planset: dict, workspace: Workspace,
@@ -166,16 +169,18 @@ def test_retime_rebuilds_nothing(preset_planset: dict, workspace: Workspace,
     def forbidden(*_a: object, **_k: object) -> None:
         raise AssertionError("a re-time must not rebuild or re-score")
 
-    for name in ("measure_file", "build_gguf", "probe_preset"):
+    for name in ("measure_file", "probe_preset"):
         monkeypatch.setattr(P, name, forbidden)
+    monkeypatch.setattr(engine, "quantize_tensor", forbidden)
     monkeypatch.setattr(FP, "measure_footprint", forbidden)
-    updated = P.retime_planset(out, workspace=workspace, state_dir=preset_planset["state"])
+    updated = P.retime_planset(out, workspace=workspace)
     assert updated.protocol["retimed"] == 1
     old = {m.id: m for m in before.members}
     for m in updated.members:
         assert m.measured.model_copy(update={"latency": old[m.id].measured.latency}) == \
             old[m.id].measured
-        assert m.recipe == old[m.id].recipe and m.file_sha256 == old[m.id].file_sha256
+        assert m.recipe == old[m.id].recipe
+        assert m.assembly_sha256 == old[m.id].assembly_sha256
     assert [p.name for p in updated.presets] == [p.name for p in before.presets]
     assert load_planset(out) == updated
     assert any(m.measured.latency != old[m.id].measured.latency for m in updated.members)
@@ -205,7 +210,7 @@ def test_retime_judges_the_aiming_predictor_again(preset_planset: dict, workspac
                                                   "prediction_error": {}}}
     P.write_planset(ps.model_copy(update={"protocol": ps.protocol | {"planning": planning}}),
                     out)
-    updated = P.retime_planset(out, workspace=workspace, state_dir=preset_planset["state"])
+    updated = P.retime_planset(out, workspace=workspace)
     errors = updated.protocol["planning"]["aim"]["prediction_error"]
     latency = [abs(1.0 / m.measured.latency.median_ms - 1) for m in updated.members]
     assert errors["latency_ms"]["median"] == pytest.approx(float(np.median(latency)), abs=1e-4)

@@ -87,14 +87,14 @@ def test_cache_command_shows_and_clears(run_cli: CliRunner, tmp_path: Path) -> N
     root = tmp_path / "home"
     write_json_atomic(root / "measurements" / "m.json", {"result": {}})
     (root / "models" / "0123").mkdir(parents=True)
-    (root / "models" / "0123" / "uniform-q4_0-q8_0.gguf").write_bytes(b"x" * 3 * 2**20)
+    (root / "models" / "0123" / "reference-f16.gguf").write_bytes(b"x" * 3 * 2**20)
     (root / "models" / "0123" / "layers-k.json").write_text("{}")
     shown = run_cli("cache", "--workdir", root, "--json")
     assert shown.returncode == 0, shown.stderr
     kinds = json.loads(shown.stdout)["kinds"]
-    assert kinds["uniform models"] == {"files": 1, "bytes": 3 * 2**20}
+    assert kinds["references"] == {"files": 1, "bytes": 3 * 2**20}
     assert kinds["measurements"]["files"] == 1 and kinds["layer profiles"]["files"] == 1
-    assert kinds["references"] == {"files": 0, "bytes": 0}
+    assert json.loads(shown.stdout)["store"]["shards"] == 0
     holder = _holder(root)
     try:
         busy = run_cli("cache", "--workdir", root, "--clear")

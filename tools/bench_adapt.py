@@ -67,10 +67,11 @@ def tiny_planset(root: Path, threads: int) -> tuple[Path, Path]:
             outside=qtype("q8_0")),
         "uniform q8_0": tensor_recipe(view, [qtype("q8_0")] * n, outside=qtype("q8_0")),
     }
-    planset_from_recipes(source, recipes, plans, workspace=Workspace(root / "work"),
+    planset_from_recipes(source, recipes, plans,
+                         workspace=Workspace(root / "work", state_dir=state),
                          protocol=Protocol(n_ctx=512, chunks=1, n_gen=8, reps=3,
                                            threads=threads),
-                         serving_ctx=256, state_dir=state, name="bench-adapt")
+                         serving_ctx=256, name="bench-adapt")
     return plans, state
 
 
@@ -332,12 +333,14 @@ def main() -> None:
     real = REPO / "plans" / "smollm2-135m"
     work = default_workdir() / "bench-adapt"
     if args.planset != "tiny" and (real / "planset.json").is_file():
+        from apreqeld.evidence.workspace import Workspace
         from apreqeld.planset import materialize
 
         base_dir, state = real, work / "state-real"
         t0 = time.monotonic()
         real_set = load_planset(real)
-        materialize(real_set, state, members=serving_members(real_set))
+        materialize(real_set, workspace=Workspace(state_dir=state),
+                    members=serving_members(real_set))
         print(f"plan set: {real} ({len(serving_members(real_set))} Pareto members "
               f"materialized in {time.monotonic() - t0:.0f} s)")
     elif args.planset == "real":

@@ -50,9 +50,11 @@ from apreqeld.errors import DaemonError
 from apreqeld.evidence.protocol import Protocol
 from apreqeld.evidence.workspace import Workspace
 from apreqeld.gguf.view import read_model
+from apreqeld.manifest import load_planset, member_shards
 from apreqeld.planset import planset_from_recipes
 from apreqeld.resources import default_model_path
 from apreqeld.runtime.workers import Spawn, Worker
+from apreqeld.store.shards import Assembly, ShardStore
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 N_CTX = 512
@@ -66,12 +68,19 @@ def build_planset(root: Path, threads: int) -> tuple[Path, Path, dict[str, str]]
     recipes = {f"uniform {name}": tensor_recipe(view, [qtype(name)] * len(view.sublayers),
                                                 outside=qtype("q8_0"))
                for name in ("q4_0", "q8_0")}
-    workspace = Workspace(Path(home) if home else root / "work")
+    workspace = Workspace(Path(home) if home else root / "work", state_dir=root / "state")
     planset = planset_from_recipes(
         source, recipes, root / "plans", workspace=workspace,
         protocol=Protocol(n_ctx=512, chunks=1, n_gen=4, reps=2, threads=threads),
-        serving_ctx=N_CTX, state_dir=root / "state", name="bench")
+        serving_ctx=N_CTX, name="bench")
     return root / "plans", root / "state", {m.label.split()[-1]: m.id for m in planset.members}
+
+
+def member_gguf(plans: Path, state: Path, member_id: str) -> Path:
+    """The file a member is loaded from: its first split, assembled from the shard store."""
+    planset = load_planset(plans)
+    member = planset.member(member_id)
+    return ShardStore(state).assemble(Assembly(tuple(member_shards(planset, member))))
 
 
 def start(plans: Path, state: Path, sock: Path, threads: int, *extra: str) -> subprocess.Popen:
@@ -425,7 +434,7 @@ def spread(values: list[float]) -> str:
 
 def side_by_side(plans: Path, state: Path, ids: dict[str, str], root: Path, threads: int,
                  switches: int, rounds: int, pause: float) -> dict:
-    ggufs = {name: next(state.glob(f"*-{ids[name]}.gguf")) for name in ("q4_0", "q8_0")}
+    ggufs = {name: member_gguf(plans, state, ids[name]) for name in ("q4_0", "q8_0")}
     fresh = lambda: {"switch_ms": [], "gap_ms": [], "total_ms": [], "downtime_ms": [],  # noqa: E731
                      "modes": set(), "requests": 0, "failed": 0, "switch_failed": 0,
                      "cut_short": 0, "errors": []}
@@ -518,7 +527,7 @@ def main() -> None:
         if "overhead" in sections:
             d = start(plans, state, sock, args.threads, "--priority", "memory")
             try:
-                gguf = next(state.glob(f"*-{ids['q4_0']}.gguf"))
+                gguf = member_gguf(plans, state, ids["q4_0"])
                 results |= overhead(gguf, sock, args.rounds, args.tokens, args.threads)
             finally:
                 stop(d)
@@ -532,7 +541,7 @@ def main() -> None:
             finally:
                 stop(d)
         if "cold" in sections:
-            results["cold_load_ms"] = cold_load(next(state.glob(f"*-{ids['q8_0']}.gguf")),
+            results["cold_load_ms"] = cold_load(member_gguf(plans, state, ids["q8_0"]),
                                                 args.threads)
         if "side" in sections:
             results |= side_by_side(plans, state, ids, root, args.threads, args.side_switches,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import inspect as pyinspect
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +47,9 @@ Workdir = Annotated[Path | None, typer.Option(
     "--workdir", help="cache of references and measurements (default $APREQEL_HOME or "
     "~/.cache/apreqel)")]
 Json = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]
+StateDir = Annotated[Path | None, typer.Option(
+    "--state-dir", help="where the shard store is and members are linked (default "
+    "$APREQEL_HOME/state)")]
 # Measurement options default to None: the Protocol's defaults apply, and a given one is known.
 Chunks = Annotated[int | None, typer.Option(
     "--chunks", help=f"perplexity chunks of --ctx tokens (default {Protocol.chunks})")]
@@ -84,6 +90,18 @@ MaxLatency = Annotated[float | None, typer.Option(
 MaxPpl = Annotated[float | None, typer.Option("--max-ppl", help="upper bound on predicted PPL")]
 MaxKld = Annotated[float | None, typer.Option(
     "--max-kld", help="upper bound on predicted KL divergence from the reference")]
+
+
+def idle_priority() -> None:
+    """This process at idle CPU and I/O priority (SCHED_IDLE, nice 19, I/O class idle), so
+    that a build the daemon starts never slows serving; each is skipped where refused."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    with contextlib.suppress(OSError):
+        os.nice(19)
+    with contextlib.suppress(OSError, AttributeError):  # ioprio_set(IOPRIO_WHO_PROCESS, 0, IDLE)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall(251 if os.uname().machine == "x86_64" else 30, 1, 0, 3 << 13)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -579,26 +597,51 @@ def _render_study(result: dict) -> None:
 @app.command()
 @handled
 def cache(clear: Annotated[bool, typer.Option(
-              "--clear", help="delete everything cached (refused while another apreqel process "
-              "uses the work directory)")] = False,
-          workdir: Workdir = None, json_: Json = False) -> None:
-    """What the work directory holds, by kind and size; --clear empties it."""
-    workspace = Workspace(workdir)
+              "--clear", help="delete everything cached, not the shard store (refused while "
+              "another apreqel process uses the work directory)")] = False,
+          prune: Annotated[bool, typer.Option(
+              "--prune", help="remove shards no registered plan set uses (and plan sets whose "
+              "manifest is gone)")] = False,
+          verify: Annotated[bool, typer.Option(
+              "--verify", help="hash every shard again; corrupt ones are removed (materialize "
+              "rebuilds them)")] = False,
+          state_dir: StateDir = None, workdir: Workdir = None, json_: Json = False) -> None:
+    """What the work directory and the shard store hold; --clear, --prune, --verify."""
+    workspace = Workspace(workdir, state_dir=state_dir)
     if clear:
         workspace.clear()
-    usage = workspace.usage()
+    store = workspace.store
+    pruned = store.prune(forget_stale=True) if prune else None
+    corrupt = store.verify() if verify else None
+    usage, shards = workspace.usage(), store.usage()
     if json_:
         out.print_json(data={"root": str(workspace.root), "clear": clear,
                              "kinds": {k: {"files": n, "bytes": b}
-                                       for k, (n, b) in usage.items()}})
+                                       for k, (n, b) in usage.items()},
+                             "store": shards, "pruned": pruned, "corrupt": corrupt})
         return
     table = Table("kind", "files", "MiB", title=f"{workspace.root}"
                   + (" (cleared)" if clear else ""))
     for kind, (n, size) in usage.items():
         table.add_row(kind, str(n), _mib(size))
-    table.add_row("total", str(sum(n for n, _ in usage.values())),
-                  _mib(sum(b for _, b in usage.values())))
+    table.add_row("shard store", str(shards["shards"]), _mib(shards["bytes"]))
+    table.add_row("total", str(sum(n for n, _ in usage.values()) + shards["shards"]),
+                  _mib(sum(b for _, b in usage.values()) + shards["bytes"]))
     out.print(table)
+    sets = Table("plan set", "manifest", "shards here / used", "MiB",
+                 title=f"shard store {shards['root']}: {shards['members']} members linked")
+    for r in shards["plansets"]:
+        sets.add_row(r["name"], r["manifest"] + (" (gone)" if r["stale"] else ""),
+                     f"{r['present']} / {r['shards']}", _mib(r["bytes"]))
+    sets.add_row("unused", "", str(shards["unused_shards"]), _mib(shards["unused_bytes"]))
+    out.print(sets)
+    if pruned is not None:
+        out.print(f"pruned: {pruned['removed_shards']} shards ({_mib(pruned['freed_bytes'])} "
+                  f"MiB) and {pruned['removed_members']} member links removed; "
+                  f"{pruned['kept_shards']} shards kept")
+    if corrupt is not None:
+        out.print(f"verified: {len(corrupt)} corrupt shards removed" if corrupt
+                  else "verified: every shard matches its sha256")
 
 
 @app.command()
@@ -638,8 +681,6 @@ planset_app = typer.Typer(cls=_PlansetGroup, add_completion=False, help=(
     "LABEL=FILE... -o plans/NAME` measures hand-written llama-quantize recipes as one; "
     "`apreqel planset materialize plans/NAME` rebuilds its GGUFs byte for byte."))
 app.add_typer(planset_app, name="planset")
-StateDir = Annotated[Path | None, typer.Option(
-    "--state-dir", help="where member GGUFs are built (default $APREQEL_HOME/state)")]
 ServingCtx = Annotated[int, typer.Option("--serving-ctx", help="context length the footprint "
                                          "is measured with")]
 
@@ -685,17 +726,17 @@ def planset_run(
     """Plan a weight grid, build and measure each distinct plan, keep the measured front."""
     from apreqeld.planset import record_condition, retime_planset, run_planset
 
-    workspace = Workspace(workdir)
+    workspace = Workspace(workdir, state_dir=state_dir)
     if retime:
         with progress_bar("retime") as bar:
-            result = retime_planset(output, workspace=workspace, state_dir=state_dir,
-                                    source=model, reps=reps, progress=bar)
+            result = retime_planset(output, workspace=workspace, source=model, reps=reps,
+                                    progress=bar)
         _render_planset(result)
         return
     if condition is not None:
         with progress_bar(f"condition {condition}") as bar:
-            result = record_condition(output, condition, workspace=workspace,
-                                      state_dir=state_dir, source=model, progress=bar)
+            result = record_condition(output, condition, workspace=workspace, source=model,
+                                      progress=bar)
         _render_planset(result, condition=condition)
         return
     protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
@@ -707,8 +748,7 @@ def planset_run(
                              accuracy=accuracy,
                              calibration=str(calibration) if calibration else None,
                              calibration_tokens=calibration_tokens, serving_ctx=serving_ctx,
-                             state_dir=state_dir, presets=presets, protect=protect,
-                             aim=aim, progress=bar)
+                             presets=presets, protect=protect, aim=aim, progress=bar)
     _render_planset(result)
     out.print(f"{len(result.members)} members ({len(result.pareto_members)} on the measured "
               f"front) written to {output}/ ({time.time() - started:.0f} s)")
@@ -725,19 +765,74 @@ def planset_materialize(
         front: Annotated[bool, typer.Option(
             "--front", help="only the members on the measured front (the ones the daemon "
             "serves)")] = False,
+        member: Annotated[list[str] | None, typer.Option(
+            "--member", help="only this member (id or a prefix of 4+ characters; repeat for "
+            "more)")] = None,
+        deep: Annotated[bool, typer.Option(
+            "--deep", help="hash every shard again first (a corrupt one is rebuilt)")] = False,
+        idle: Annotated[bool, typer.Option(
+            "--idle", help="run at idle CPU and I/O priority (SCHED_IDLE, nice 19), as the "
+            "daemon runs it")] = False,
         workdir: Workdir = None) -> None:
-    """Rebuild every member's GGUF from its recipe and check its sha256 against the manifest."""
-    from apreqeld.manifest import load_planset
+    """Make members loadable from the shard store: each shard the store lacks is quantized
+    once from the F16 reference (checked against the manifest), then members are linked."""
+    from apreqeld.manifest import load_planset, manifest_path
     from apreqeld.planset import materialize
 
+    if idle:
+        idle_priority()
     planset = load_planset(folder)
-    workspace = Workspace(workdir)
-    target = state_dir or workspace.root / "state"
-    members = planset.pareto_members if front else None
+    workspace = Workspace(workdir, state_dir=state_dir)
+    members = (planset.pareto_members if front else
+               [planset.member(m) for m in member] if member else None)
+    started = time.perf_counter()
     with progress_bar("materialize") as bar:
-        paths = materialize(planset, target, members=members, source=model,
-                            workspace=workspace, progress=bar)
-    out.print(f"{len(paths)} members in {target}, every sha256 matches the manifest")
+        paths = materialize(planset, workspace=workspace, members=members, source=model,
+                            manifest=manifest_path(folder), deep=deep, progress=bar)
+    out.print(f"{len(paths)} members in {workspace.state_dir / 'members'} "
+              f"({time.perf_counter() - started:.2f} s), assembled from "
+              f"{workspace.store.root}")
+
+
+@planset_app.command("export")
+@handled
+def planset_export(
+        folder: Annotated[Path, typer.Argument(help="plan-set folder or planset.json")],
+        member_id: Annotated[str, typer.Argument(help="member id (or a prefix of 4+)")],
+        output: Annotated[Path, typer.Option("-o", "--output", help="the GGUF to write")],
+        model: Annotated[Path | None, typer.Option("--model", help="the source model")] = None,
+        state_dir: StateDir = None, workdir: Workdir = None) -> None:
+    """Write one member as one ordinary GGUF for stock llama.cpp tools (byte for byte what
+    `apreqel build` writes for its recipe)."""
+    from apreqeld.manifest import load_planset
+    from apreqeld.planset import export_member
+
+    planset = load_planset(folder)
+    member = planset.member(member_id)
+    written = export_member(planset, member, output,
+                            workspace=Workspace(workdir, state_dir=state_dir), source=model)
+    out.print(f"{member.id} ({member.label}) written to {written} "
+              f"({_mib(written.stat().st_size)} MiB)")
+
+
+@planset_app.command("upgrade")
+@handled
+def planset_upgrade(
+        folder: Annotated[Path, typer.Argument(help="plan-set folder or planset.json")],
+        model: Annotated[Path | None, typer.Option("--model", help="the source model")] = None,
+        state_dir: StateDir = None, workdir: Workdir = None) -> None:
+    """Turn a format-1 plan set (members rebuilt from recipes) into format 2 (assembled from the
+    shard store): every member checked byte for byte against its old build, its serving
+    footprint measured again as the store serves it."""
+    from apreqeld.planset import upgrade_planset
+    from apreqeld.store.shards import used_shards
+
+    with progress_bar("upgrade") as bar:
+        result = upgrade_planset(folder, workspace=Workspace(workdir, state_dir=state_dir),
+                                 source=model, progress=bar)
+    _render_planset(result)
+    shards = len(set(used_shards(result)))
+    out.print(f"{folder}: format {result.format}, its members assembled from {shards} shards")
 
 
 @planset_app.command("recipes")
@@ -780,10 +875,10 @@ def planset_recipes(
     protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
     started = time.time()
     with progress_bar("recipes") as bar:
-        result = planset_from_recipes(source, parsed, output, workspace=Workspace(workdir),
-                                      protocol=protocol, serving_ctx=serving_ctx,
-                                      state_dir=state_dir, outside=base, accuracy=accuracy,
-                                      progress=bar)
+        result = planset_from_recipes(source, parsed, output,
+                                      workspace=Workspace(workdir, state_dir=state_dir),
+                                      protocol=protocol, serving_ctx=serving_ctx, outside=base,
+                                      accuracy=accuracy, progress=bar)
     _render_planset(result)
     out.print(f"{len(result.members)} members ({len(result.pareto_members)} on the measured "
               f"front) written to {output}/ ({time.time() - started:.0f} s)")

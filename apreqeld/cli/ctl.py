@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from apreqeld.client import Client
 from apreqeld.errors import ApreqelError
@@ -26,6 +27,19 @@ def _weights(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"expected three non-negative weights memory,latency,accuracy, got {text!r}")
     return values
+
+
+def _schema(text: str) -> dict:
+    """A JSON schema given as a file name or as JSON text."""
+    path = Path(text)
+    try:
+        source = path.read_text(encoding="utf-8") if path.is_file() else text
+        schema = json.loads(source)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"not a JSON schema file or JSON text: {exc}") from None
+    if not isinstance(schema, dict):
+        raise argparse.ArgumentTypeError("a JSON schema is a JSON object")
+    return schema
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,6 +77,14 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--temperature", type=float, default=0.8)
         s.add_argument("--seed", type=int)
         s.add_argument("--stop", action="append", default=[])
+        s.add_argument("--top-p", type=float)
+        s.add_argument("--presence-penalty", type=float)
+        s.add_argument("--frequency-penalty", type=float)
+        fmt = s.add_mutually_exclusive_group()
+        fmt.add_argument("--json-object", action="store_true",
+                         help="the reply is a JSON object (llama.cpp's JSON grammar)")
+        fmt.add_argument("--json-schema", metavar="SCHEMA", type=_schema,
+                         help="the reply is JSON valid for this schema (a file or JSON text)")
     ev = sub.add_parser("events", parents=[common], help="follow swaps and decisions")
     ev.add_argument("--count", type=int, help="stop after this many events")
     return p
@@ -159,7 +181,13 @@ def render_event(e: dict) -> str:
 
 def _stream(client: Client, args: argparse.Namespace, as_json: bool) -> None:
     options = {"max_tokens": args.max_tokens, "temperature": args.temperature,
-               "stop": args.stop, "seed": args.seed}
+               "stop": args.stop, "seed": args.seed, "top_p": args.top_p,
+               "presence_penalty": args.presence_penalty,
+               "frequency_penalty": args.frequency_penalty}
+    if args.json_schema is not None:
+        options["response_format"] = {"type": "json_schema", "json_schema": args.json_schema}
+    elif args.json_object:
+        options["response_format"] = {"type": "json_object"}
     if args.command == "chat":
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         stream = client.chat_stream(messages + [{"role": "user", "content": args.message}],

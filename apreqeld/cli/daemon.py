@@ -11,6 +11,7 @@ from apreqeld.errors import ApreqelError
 from apreqeld.runtime.config import (
     DEFAULT_RESERVE,
     DEFAULT_SLACK,
+    HTTP_ENV,
     MONITORS,
     SOCKET_ENV,
     load_config,
@@ -29,8 +30,8 @@ def parser() -> argparse.ArgumentParser:
                         "$XDG_RUNTIME_DIR/apreqeld/apreqeld.sock)")
     p.add_argument("--config", type=Path, help="TOML config file")
     p.add_argument("--state-dir", type=Path,
-                   help="where member GGUFs are kept (default: $APREQEL_HOME/state, as for "
-                   "`apreqel planset materialize`)")
+                   help="the state dir: its shard store members are assembled from (default: "
+                   "$APREQEL_HOME/state, as for `apreqel planset materialize`)")
     p.add_argument("--ctx", dest="n_ctx", type=int, help="serving context (default: the plan "
                    "set's)")
     p.add_argument("--threads", type=int, help="llama.cpp threads (default: the plan set's)")
@@ -61,6 +62,14 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds in-flight requests get on SIGTERM (default 10)")
     p.add_argument("--no-watch", dest="watch", action="store_const", const=False,
                    help="do not watch the plan-set directory")
+    p.add_argument("--http", metavar="ADDR",
+                   help=f"also serve the OpenAI-compatible HTTP API (/v1/chat/completions, "
+                        f"/v1/completions, /v1/models, /health, /metrics) on HOST:PORT, PORT "
+                        f"(127.0.0.1) or unix:PATH (default: ${HTTP_ENV}, else off); a "
+                        f"non-loopback HOST needs --http-token-file")
+    p.add_argument("--http-token-file", type=Path, metavar="FILE",
+                   help="HTTP clients must send `Authorization: Bearer TOKEN` with the token "
+                        "in this file")
     return p
 
 

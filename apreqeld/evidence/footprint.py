@@ -34,6 +34,7 @@ import psutil
 from apreqeld import engine
 from apreqeld.errors import EngineError
 from apreqeld.evidence.workspace import Workspace, cached_measurement
+from apreqeld.gguf.split import split_files
 
 SERVING_BATCH = 512
 MADV_RANDOM, MADV_DONTNEED = 1, 4  # linux/mman.h
@@ -95,44 +96,68 @@ def measure_here(path: Path, /, *, n_ctx: int, threads: int, gpu_layers: int = 0
             "threads": threads, "gpu_layers": gpu_layers}
 
 
-def _mapped_rss(path: Path) -> int | None:
-    """Resident bytes of this process's mappings of `path` (/proc/self/smaps), or None."""
-    smaps = Path("/proc/self/smaps")
-    if not smaps.exists():
+def model_files(path: Path) -> list[str]:
+    """The files a model's mappings name in /proc (every split, links resolved)."""
+    return [str(Path(f).resolve()) for f in split_files(path)]
+
+
+def mapped_rss(path: Path, *, pid: int | str = "self") -> dict[str, int] | None:
+    """Resident bytes of a process's mappings of each of the model's files
+    (/proc/PID/smaps), or None where /proc does not say."""
+    smaps = Path(f"/proc/{pid}/smaps")
+    try:
+        text = smaps.read_text()
+    except OSError:
         return None
-    target, inside, total = str(Path(path).resolve()), False, 0
-    for line in smaps.read_text().splitlines():
+    targets = set(model_files(path))
+    found: dict[str, int] = {}
+    current = None
+    for line in text.splitlines():
         head = line.split()
         if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
-            inside = len(head) == 6 and head[5] == target
-        elif inside and head[:1] == ["Rss:"]:
-            total += int(head[1]) * 1024
-    return total
+            current = head[5] if len(head) == 6 and head[5] in targets else None
+        elif current is not None and head[:1] == ["Rss:"]:
+            found[current] = found.get(current, 0) + int(head[1]) * 1024
+    return found
 
 
-def _drop_mapped_pages(path: Path) -> int:
-    """Unmap from this process's page tables every resident page of `path`'s mmap (they stay in
-    the page cache), so that a following decode maps in only the pages it reads; returns the
-    bytes of the mappings advised. Weights llama.cpp repacked into its own buffers at load are
-    read once from the file and never again: their file pages are not part of the footprint."""
-    target = str(Path(path).resolve())
+def _mapped_rss(path: Path) -> int | None:
+    """Resident bytes of this process's mappings of the model's files, or None."""
+    found = mapped_rss(path)
+    return None if found is None else sum(found.values())
+
+
+def drop_mapped_pages(path: Path) -> int:
+    """Unmap from this process's page tables every resident page of the model's mappings
+    (they stay in the page cache), so that a following decode maps in only the pages it
+    reads; returns the bytes of the mappings advised. Weights llama.cpp repacked into its own
+    buffers at load are read once from the file and never again: their file pages are not
+    part of the footprint."""
+    targets = set(model_files(path))
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     dropped = 0
     for line in Path("/proc/self/maps").read_text().splitlines():
         parts = line.split(maxsplit=5)
-        if len(parts) == 6 and parts[5] == target:
+        if len(parts) == 6 and parts[5] in targets:
             start, end = (int(x, 16) for x in parts[0].split("-"))
             libc.madvise(start, end - start, MADV_RANDOM)
             if libc.madvise(start, end - start, MADV_DONTNEED) == 0:
                 dropped += end - start
-    # Evict the file's (clean) page cache too: the kernel maps cached neighbours of a faulting
-    # page along with it (fault-around), which would count pages no decode reads.
-    fd = os.open(target, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    return dropped
+
+
+def _drop_mapped_pages(path: Path) -> int:
+    """`drop_mapped_pages`, then the files' (clean) page cache evicted too: the kernel maps
+    cached neighbours of a faulting page along with it (fault-around), which would count
+    pages no decode reads."""
+    dropped = drop_mapped_pages(path)
+    for target in model_files(path):
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
     return dropped
 
 
@@ -155,7 +180,7 @@ def cached_footprint(path: Path, /, *, workspace: Workspace, n_ctx: int, threads
     return cached_measurement(
         workspace, {"footprint": workspace.sha256(path), "n_ctx": n_ctx, "threads": threads,
                     "gpu_layers": gpu_layers, "engine": engine.engine_version(),
-                    "apreqel_footprint": 3},
+                    "apreqel_footprint": 4},
         lambda: measure_footprint(path, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers))
 
 

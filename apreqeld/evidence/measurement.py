@@ -32,10 +32,9 @@ from apreqeld.core.recipes import tensor_recipe
 from apreqeld.errors import InputError
 from apreqeld.evidence.conditions import Window, combine, observe
 from apreqeld.evidence.protocol import Progress, Protocol, machine_description, no_progress
-from apreqeld.evidence.reference import Reference, ensure_reference
+from apreqeld.evidence.reference import Reference, assembled_model, ensure_reference
 from apreqeld.evidence.workspace import Workspace, cached_measurement, measurement_key
 from apreqeld.gguf.view import ModelView, read_model
-from apreqeld.storage import atomic_path
 
 LATENCY_TRIES = 3  # timings of one measurement at most, while it stays disturbed
 LATENCY_BACKOFF_S = 0.5  # wait before the 2nd try; doubled before each later one
@@ -188,7 +187,7 @@ def order_types(view: ModelView, types: Sequence[QType]) -> tuple[QType, ...]:
 
 
 def measure_types(source: Path, /, *, types: str | None = None, outside: str = "q8_0",
-                  protocol: Protocol, workspace: Workspace, keep_models: bool = False,
+                  protocol: Protocol, workspace: Workspace,
                   progress: Progress = no_progress, remeasure: Sequence[str] = ()) -> dict:
     """The device profile: every uniform type built from the F16 reference and measured.
     A cached latency comes back with its quality (disturbed ones marked, never as clean);
@@ -216,26 +215,17 @@ def measure_types(source: Path, /, *, types: str | None = None, outside: str = "
         recipe = tensor_recipe(view, [q] * len(view.sublayers), outside=outside_type)
 
         def compute(q: QType = q) -> dict:
-            progress(f"{q.name}: quantizing", 0.0)
+            progress(f"{q.name}: assembling", 0.0)
             gguf = uniform_gguf(reference, q, outside=outside_type, workspace=workspace,
                                 threads=protocol.threads)
-            result = measure_file(gguf, protocol=protocol, reference=reference,
-                                  progress=lambda w, f: progress(f"{q.name}: {w}", f))
-            if not keep_models:
-                gguf.unlink()
-            return result
+            return measure_file(gguf, protocol=protocol, reference=reference,
+                                progress=lambda w, f: progress(f"{q.name}: {w}", f))
 
         def retime(old: dict, q: QType = q) -> dict:
             progress(f"{q.name}: re-timing", 0.0)
-            existed = uniform_path(reference, q, outside=outside_type,
-                                   workspace=workspace).exists()
             gguf = uniform_gguf(reference, q, outside=outside_type, workspace=workspace,
                                 threads=protocol.threads)
-            try:
-                return old | retime_file(gguf, protocol=protocol)
-            finally:
-                if not existed and not keep_models:
-                    gguf.unlink()
+            return old | retime_file(gguf, protocol=protocol)
 
         measured = cached_measurement(workspace, measurement_key(recipe, reference, protocol),
                                       compute, retime=retime if again else None, again=again)
@@ -267,23 +257,14 @@ def measure_types(source: Path, /, *, types: str | None = None, outside: str = "
     }
 
 
-def uniform_path(reference: Reference, q: QType, /, *, outside: QType,
-                 workspace: Workspace) -> Path:
-    """Where the uniform model of type `q` is kept in the work directory."""
-    return workspace.model_dir(reference.source_sha256) / f"uniform-{q.name}-{outside.name}.gguf"
-
-
 def uniform_gguf(reference: Reference, q: QType, /, *, outside: QType, workspace: Workspace,
                  threads: int = 0) -> Path:
-    """The uniform model of type `q` built from the reference (kept in the work directory)."""
+    """The uniform model of type `q` (`outside` for the tensors outside the sublayers),
+    assembled from the shard store."""
     view = reference.source
-    gguf = uniform_path(reference, q, outside=outside, workspace=workspace)
-    if not gguf.exists():
-        recipe = tensor_recipe(view, [q] * len(view.sublayers), outside=outside)
-        with atomic_path(gguf, suffix=".gguf") as tmp:
-            engine.quantize(reference.path, tmp, tensor_types=recipe, base=q.name,
-                            threads=threads)
-    return gguf
+    recipe = tensor_recipe(view, [q] * len(view.sublayers), outside=outside)
+    return assembled_model(reference, recipe, outside.name, workspace=workspace,
+                           threads=threads or engine.default_threads())
 
 
 def interleaved_latency(paths: Mapping[str, Path], /, *, protocol: Protocol,

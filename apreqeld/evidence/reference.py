@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from apreqeld.evidence.workspace import Workspace
 from apreqeld.gguf.view import ModelView, read_model
 from apreqeld.resources import evaluation_text
 from apreqeld.storage import atomic_path
+from apreqeld.store.fill import assembled
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,26 @@ class Reference:
     tokens: np.ndarray
     logprobs: tuple[engine.SparseLogprobs, ...]
     note: str
+
+
+def assembled_models(reference: Reference | Path, source_sha256: str,
+                     recipes: Mapping[Hashable, tuple[Mapping[str, str], str]], /, *,
+                     workspace: Workspace, threads: int = 1,
+                     progress: Progress = no_progress) -> dict[Hashable, Path]:
+    """Recipes (key -> (tensor -> type, base type)) as models loadable from the shard store of
+    the workspace's state directory: each missing shard quantized once from the reference,
+    then linked (store.fill.assembled)."""
+    path = reference.path if isinstance(reference, Reference) else Path(reference)
+    _, found = assembled(workspace.store, path, source_sha256, recipes, threads=threads,
+                         progress=progress)
+    return {key: first for key, (first, _) in found.items()}
+
+
+def assembled_model(reference: Reference, recipe: Mapping[str, str], base: str, /, *,
+                    workspace: Workspace, threads: int = 1) -> Path:
+    """One recipe as a loadable model (`assembled_models`)."""
+    return assembled_models(reference, reference.source_sha256, {0: (recipe, base)},
+                            workspace=workspace, threads=threads)[0]
 
 
 def reference_caveat(view: ModelView, /) -> str | None:

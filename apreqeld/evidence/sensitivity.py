@@ -1,20 +1,17 @@
 """Measure each sublayer's sensitivity: the KL divergence it adds alone at an aggressive type.
 
-One probe model per sublayer (every sublayer at `base`, that one at `probe`) is built from the
-F16 reference, scored on the evaluation tokens and deleted; each score is cached, so a second
-run (or an interrupted one) builds nothing it already scored.
+One probe model per sublayer (every sublayer at `base`, that one at `probe`) is assembled from
+the shard store (no quantization once the two types' shards are there) and scored on the
+evaluation tokens; each score is cached, so a second run (or an interrupted one) assembles
+nothing it already scored.
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
-from apreqeld import engine
 from apreqeld.core.sensitivity import part_probe_recipe, parts, probe_recipe
 from apreqeld.evidence.measurement import score_file
 from apreqeld.evidence.protocol import Progress, Protocol, no_progress
-from apreqeld.evidence.reference import Reference
+from apreqeld.evidence.reference import Reference, assembled_model
 from apreqeld.evidence.workspace import Workspace, cached_measurement, measurement_key
 from apreqeld.gguf.view import ModelView
 
@@ -26,13 +23,9 @@ def measure_sensitivity(view: ModelView, reference: Reference, /, *, base: str, 
     "part_added_kld": {part: every block's part at the probe}}."""
     def score(recipe: dict[str, str]) -> dict:
         def compute() -> dict:
-            folder = workspace.model_dir(reference.source_sha256)
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=folder, prefix=".probe-") as tmp:
-                out = Path(tmp) / "probe.gguf"
-                engine.quantize(reference.path, out, tensor_types=recipe, base=base,
-                                threads=protocol.threads)
-                return score_file(out, protocol=protocol, reference=reference)
+            model = assembled_model(reference, recipe, outside, workspace=workspace,
+                                    threads=protocol.threads)
+            return score_file(model, protocol=protocol, reference=reference)
 
         key = measurement_key(recipe, reference, protocol) | {"apreqel_score": 1}
         return cached_measurement(workspace, key, compute)

@@ -1,5 +1,7 @@
 """The work directory ($APREQEL_HOME): models, references and the measurement cache, keyed by
-what determines each measurement, shared by processes through a file lock."""
+what determines each measurement, shared by processes through a file lock; and the state
+directory (by default `$APREQEL_HOME/state`) whose shard store every measured model is
+assembled from."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from apreqeld.errors import InputError
 from apreqeld.evidence.protocol import Protocol, machine_fingerprint
 from apreqeld.gguf.view import file_sha256
 from apreqeld.storage import default_workdir, write_json_atomic
+from apreqeld.store.shards import ShardStore, model_identity
 
 if TYPE_CHECKING:
     from apreqeld.evidence.reference import Reference
@@ -28,7 +31,6 @@ LOCK_NAME = ".lock"
 KINDS: dict[str, tuple[str, ...]] = {
     "references": ("models/*/reference-f16.gguf", "models/*/tokens-*.npy",
                    "models/*/reference-logprobs-*.npz"),
-    "uniform models": ("models/*/uniform-*.gguf",),
     "measurements": ("measurements/*.json",),
     "layer profiles": ("models/*/layers-*.json",),
 }
@@ -38,11 +40,20 @@ class Workspace:
     """The work directory. While it lives, it holds a shared lock on `root/.lock`, so that any
     number of CLI runs and a daemon can use it together and `clear` waits for none of them."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, *, state_dir: Path | None = None) -> None:
         self.root = Path(root) if root else default_workdir()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.state_dir = Path(state_dir) if state_dir else self.root / "state"
+        self._store: ShardStore | None = None
         self._lock = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(self._lock, fcntl.LOCK_SH)
+
+    @property
+    def store(self) -> ShardStore:
+        """The shard store of the state directory (made, and its ownership checked, once)."""
+        if self._store is None:
+            self._store = ShardStore(self.state_dir)
+        return self._store
 
     def close(self) -> None:
         """Release the lock (also done when the object is collected or the process ends)."""
@@ -62,7 +73,9 @@ class Workspace:
         return self.root / "measurements" / f"{key}.json"
 
     def sha256(self, path: Path) -> str:
-        return file_sha256(path, cache_dir=self.root)
+        """A model's identity: its file's sha256 (cached by path, size and mtime), or, for a
+        model assembled from the shard store, that of its shards (store.shards.Assembly)."""
+        return model_identity(Path(path), digest=lambda p: file_sha256(p, cache_dir=self.root))
 
     def usage(self) -> dict[str, tuple[int, int]]:
         """(files, bytes) of each kind of cached data, and of everything else ("other")."""
@@ -72,21 +85,25 @@ class Workspace:
             files = {p for pattern in patterns for p in self.root.glob(pattern) if p.is_file()}
             seen |= files
             result[kind] = (len(files), sum(p.stat().st_size for p in files))
+        state = self.state_dir.resolve()
         rest = [p for p in self.root.rglob("*")
-                if p.is_file() and p not in seen and p.name != LOCK_NAME]
+                if p.is_file() and p not in seen and p.name != LOCK_NAME
+                and state not in p.resolve().parents]
         result["other"] = (len(rest), sum(p.stat().st_size for p in rest))
         return result
 
     def clear(self) -> None:
-        """Delete everything cached; refuses while another process uses the work directory."""
+        """Delete everything cached, not the state directory (the shard store has its own
+        `prune`); refuses while another process uses the work directory."""
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise InputError(f"the work directory {self.root} is in use by another apreqel "
                              "process; clear it when that has finished") from None
         try:
+            state = self.state_dir.resolve()
             for entry in self.root.iterdir():
-                if entry.name == LOCK_NAME:
+                if entry.name == LOCK_NAME or entry.resolve() == state:
                     continue
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)

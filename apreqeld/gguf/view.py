@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
+import os
 import re
 import struct
 from collections import Counter
@@ -20,9 +20,9 @@ import numpy as np
 
 from apreqeld.core.qtypes import QType, effective_type, from_ggml, quantizable
 from apreqeld.errors import InputError, ModelError
+from apreqeld.gguf.split import GGUF_MAGIC, SPLIT_NO, read_header, split_files
 from apreqeld.storage import write_json_atomic
 
-GGUF_MAGIC = b"GGUF"
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 _ATTN = ("attn", "post_attention", "attention")
 _FFN = ("ffn", "post_ffw", "post_mlp")
@@ -157,92 +157,47 @@ def _sublayer_kind(rest: str) -> str | None:
     return None
 
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-            10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-def _read_header(p: Path) -> tuple[dict, list[tuple[str, tuple[int, ...], int, int]], int]:
-    """Scalar metadata, tensor infos (name, shape, ggml type, offset) and data start of a GGUF.
-
-    A plain reader of the GGUF v2/v3 header: gguf-py's GGUFReader builds numpy views of every
-    tokenizer string (seconds per file), which the model view does not need.
-    """
-    with p.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        pos = 0
-
-        def take(fmt: str):
-            nonlocal pos
-            (value,) = struct.unpack_from(fmt, buf, pos)
-            pos += struct.calcsize(fmt)
-            return value
-
-        def string() -> str:
-            nonlocal pos
-            n = take("<Q")
-            pos += n
-            return bytes(buf[pos - n:pos]).decode("utf-8", "replace")
-
-        def value(kind: int):
-            nonlocal pos
-            if kind in _SCALARS:
-                return take(_SCALARS[kind])
-            if kind == _STRING:
-                return string()
-            if kind == _ARRAY:
-                item, count = take("<I"), take("<Q")
-                if item in _SCALARS:
-                    pos += count * struct.calcsize(_SCALARS[item])
-                else:
-                    for _ in range(count):
-                        value(item)
-                return None  # arrays are skipped: the model view needs none
-            raise ValueError(f"unknown metadata value type {kind}")
-
-        pos = 4
-        version = take("<I")
-        if version not in (2, 3):
-            raise ValueError(f"unsupported GGUF version {version}")
-        n_tensors, n_kv = take("<Q"), take("<Q")
-        kv = {}
-        for _ in range(n_kv):
-            key = string()
-            kv[key] = value(take("<I"))
-        infos = []
-        for _ in range(n_tensors):
-            name = string()
-            dims = tuple(take("<Q") for _ in range(take("<I")))
-            infos.append((name, dims, take("<I"), take("<Q")))
-        alignment = int(kv.get("general.alignment") or 32)
-        return kv, infos, (pos + alignment - 1) // alignment * alignment
-
-
 def read_model(path: str | Path) -> ModelView:
     """Read a GGUF file's metadata and tensor table and group the tensors into sublayers."""
     p = check_gguf_path(path)
     st = p.stat()
-    return _read_model(p.resolve(), st.st_size, st.st_mtime_ns)
+    # absolute, not resolved: the first split of an assembled model is a link into the shard
+    # store, and its siblings are found by its own name
+    return _read_model(Path(os.path.abspath(p)), st.st_size, st.st_mtime_ns)
 
 
 @lru_cache(maxsize=64)
 def _read_model(p: Path, size: int, _mtime_ns: int) -> ModelView:
-    try:
-        kv, infos, data_start = _read_header(p)
-    except (ValueError, struct.error, UnicodeDecodeError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"cannot read GGUF file {p} (truncated or corrupt: {detail})") from None
+    files = split_files(p)
+    tensors: list[Tensor] = []
+    kv: dict = {}
+    for k, part in enumerate(files):
+        try:
+            header = read_header(part)
+        except FileNotFoundError:
+            raise ModelError(f"split {k + 1} of {len(files)} is missing: {part}") from None
+        except (ValueError, struct.error, UnicodeDecodeError) as exc:
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelError(f"cannot read GGUF file {part} (truncated or corrupt: "
+                             f"{detail})") from None
+        if k == 0:
+            kv = header.kv
+        elif header.kv.get(SPLIT_NO) != k:
+            raise ModelError(f"{part} is not split {k + 1} of {len(files)} (its split.no is "
+                             f"{header.kv.get(SPLIT_NO)})")
+        for info in header.tensors:
+            qt = from_ggml(info.ggml_type)
+            n_bytes = qt.tensor_bytes(int(np.prod(info.shape)))
+            end = info.offset + n_bytes
+            if end > header.file_bytes:
+                raise ModelError(f"truncated GGUF file: tensor {info.name} ends at byte {end}, "
+                                 f"file has {header.file_bytes}: {part}")
+            tensors.append(Tensor(info.name, info.shape, qt, n_bytes))
+    if len(files) > 1:
+        size = sum(f.stat().st_size for f in files)
     arch = kv.get("general.architecture")
     if not arch:
         raise ModelError(f"GGUF file has no general.architecture: {p}")
-    tensors: list[Tensor] = []
-    for name, shape, ggml_type, offset in infos:
-        qt = from_ggml(ggml_type)
-        n_bytes = qt.tensor_bytes(int(np.prod(shape)))
-        end = data_start + offset + n_bytes
-        if end > size:
-            raise ModelError(f"truncated GGUF file: tensor {name} ends at byte {end}, "
-                             f"file has {size}: {p}")
-        tensors.append(Tensor(name, shape, qt, n_bytes))
     groups: dict[tuple[int, str], list[Tensor]] = {}
     outside: list[Tensor] = []
     for t in tensors:

@@ -59,7 +59,8 @@ class Adapter:
 
     def __init__(self, config: DaemonConfig, planset: PlanSet, priority: Priority, *,
                  monitor: Source | None, health: Health, emit: Callable[..., dict],
-                 serving: Callable[[], str | None]) -> None:
+                 serving: Callable[[], str | None],
+                 shared: Callable[[str], float] = lambda _plan: 0.0) -> None:
         self.config, self.planset, self.priority = config, planset, priority
         self.monitor = monitor
         self.health = health
@@ -74,7 +75,7 @@ class Adapter:
                       "ticks": 0, "cpu_s": 0.0, "decisions": 0, "decide_ms_sum": 0.0,
                       "decide_ms_max": 0.0, "errors": 0}
         self.decide_ms: deque[float] = deque(maxlen=1000)
-        self._emit, self._serving = emit, serving
+        self._emit, self._serving, self._shared = emit, serving, shared
         self._recorder: Recorder | None = None
         self._decision_key: tuple | None = None
 
@@ -145,10 +146,14 @@ class Adapter:
         return self.policy.dwell_elapsed(time.monotonic())
 
     def mode_of(self, target: str) -> str:
-        """How to swap to `target`: both variants in memory only when the budget holds both."""
+        """How to swap to `target`: both variants in memory only when the budget holds both
+        (what the serving worker already holds of the target's shards is not counted twice)."""
+        if self.config.swap_mode != "auto":
+            return self.config.swap_mode
         budget = self.budget_bytes()
         free = None if budget is None else budget - self.footprint(self._serving())
-        return swap_mode(self.config.swap_mode, need=self.footprint(target), free=free)
+        need = self.footprint(target) - self._shared(target)
+        return swap_mode(self.config.swap_mode, need=need, free=free)
 
     def decide(self, *, source: str, user: bool, event: bool = True) -> Choice:
         """One decision over the available members, then the pin; a decision event when it

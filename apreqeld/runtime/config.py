@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from apreqeld.core.limits import parse_size
 from apreqeld.errors import InputError
@@ -15,6 +24,7 @@ from apreqeld.manifest import one_line
 from apreqeld.storage import default_workdir
 
 SOCKET_ENV = "APREQELD_SOCKET"
+HTTP_ENV = "APREQELD_HTTP"  # the default of `http` (the systemd unit can set it)
 # The daemon's one set of policy defaults (the Policy class and the CLI's help use these).
 DEFAULT_RESERVE = 256 * 1024**2  # bytes kept free for the OS and the daemon
 DEFAULT_SLACK = 64 * 1024**2  # a bigger member must fit with this to spare (no flapping)
@@ -29,6 +39,48 @@ def default_socket() -> Path:
         return Path(os.environ[SOCKET_ENV])
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/apreqeld-{os.getuid()}"
     return Path(runtime) / "apreqeld" / "apreqeld.sock"
+
+
+@dataclass(frozen=True)
+class HttpAddress:
+    """Where the HTTP listener binds: an IP address and port, or a Unix socket path."""
+
+    host: str | None = None
+    port: int | None = None
+    path: Path | None = None
+
+    @property
+    def loopback(self) -> bool:
+        return self.path is not None or ipaddress.ip_address(self.host).is_loopback
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def http_address(value: str) -> HttpAddress:
+    """`HOST:PORT`, `[V6]:PORT`, `PORT` (127.0.0.1) or `unix:PATH`; HOST is an IP address or
+    localhost (no name lookups: what is loopback must be plain)."""
+    text = value.strip()
+    if text.startswith("unix:"):
+        if not text[5:]:
+            raise ValueError("unix: needs a socket path")
+        return HttpAddress(path=Path(text[5:]))
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{value!r}: the host must be an IP address or localhost "
+                         "(HOST:PORT, PORT or unix:PATH)") from None
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: the port must be 0 to 65535")
+    return HttpAddress(host=str(ip), port=int(port))
 
 
 def default_state_dir() -> Path:
@@ -87,8 +139,19 @@ class DaemonConfig(BaseModel):
     admin_group: str | None = Field(default=None, description="group (name or gid) whose "
                                     "members may control the daemon, besides root and the "
                                     "service user")
+    http: str | None = Field(default_factory=lambda: os.environ.get(HTTP_ENV) or None,
+                             validate_default=True, description="OpenAI-compatible HTTP listener: "
+                             "HOST:PORT, PORT (127.0.0.1) or unix:PATH; off when unset")
+    http_token_file: Path | None = Field(
+        default=None, validate_default=True,
+        description="file holding the bearer token HTTP clients send; required off loopback")
+    http_max_connections: int = Field(default=64, ge=1, le=10_000)
+    http_max_body_bytes: int = Field(default=1024**2, ge=1024, le=64 * 1024**2)
+    http_timeout_s: float = Field(default=10.0, gt=0, le=3600, description="a client must "
+                                  "send its headers and body, and read streamed output, "
+                                  "within this; idle connections close after it")
 
-    @field_validator("reserve_bytes", "slack_bytes", mode="before")
+    @field_validator("reserve_bytes", "slack_bytes", "http_max_body_bytes", mode="before")
     @classmethod
     def _size(cls, value: object) -> object:
         """Sizes may be written 512MiB, 1GB or plain bytes."""
@@ -98,6 +161,24 @@ class DaemonConfig(BaseModel):
             except InputError as exc:
                 raise ValueError(str(exc)) from None
         return value
+
+    @field_validator("http")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        return None if value is None else str(http_address(value))
+
+    @field_validator("http_token_file")
+    @classmethod
+    def _token_off_loopback(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        http = info.data.get("http")
+        if value is None and http is not None and not http_address(http).loopback:
+            raise ValueError(f"HTTP on {http} (not loopback) needs a bearer-token file "
+                             "(--http-token-file); without one, HTTP is loopback only")
+        return value
+
+    @property
+    def http_address(self) -> HttpAddress | None:
+        return None if self.http is None else http_address(self.http)
 
     @field_validator("monitor")
     @classmethod

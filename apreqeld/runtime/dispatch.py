@@ -38,6 +38,7 @@ class Dispatcher:
         self.current: Job | None = None
         self.closing = False
         self.last_error: str | None = None  # why no worker could be had, for status
+        self.hopeless = False  # no member can be started at all: answer at once
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=bound)
         self._ready = asyncio.Event()
         self._progress = progress
@@ -68,12 +69,15 @@ class Dispatcher:
 
     def worker_ready(self) -> None:
         """(the swapper) a live worker is active again."""
-        self.last_error = None
+        self.last_error, self.hopeless = None, False
         self._ready.set()
 
-    def worker_unavailable(self, reason: str) -> None:
-        """(the swapper) no worker could be started for now."""
-        self.last_error = reason
+    def worker_unavailable(self, reason: str, *, hopeless: bool = False) -> None:
+        """(the swapper) no worker could be started for now; `hopeless`: none can be, so the
+        requests waiting for one are answered `unavailable` at once."""
+        self.last_error, self.hopeless = reason, hopeless
+        if hopeless:
+            self._ready.set()
 
     def answer_all(self, error: DaemonError) -> int:
         """Answer everything accepted and not yet answered (shutdown); how many."""
@@ -94,6 +98,10 @@ class Dispatcher:
             self.current = job
             try:
                 await self._serve(job)
+            except Exception as exc:  # a bug: answered all the same, then supervision
+                if job.answer(error=DaemonError(f"internal error: {exc}")):
+                    self.counts["failed"] += 1
+                raise
             finally:
                 self.current = None
 
@@ -106,6 +114,11 @@ class Dispatcher:
                 worker = self.pool.alive()
                 if worker is not None:
                     await self._run_on(worker, job)
+                    return
+                if self.hopeless:
+                    if job.answer(error=DaemonError(f"no variant can serve: {self.last_error}",
+                                                    code=wire.UNAVAILABLE)):
+                        self.counts["failed"] += 1
                     return
                 self._ready.clear()
             self._need_worker()

@@ -14,7 +14,8 @@ from collections.abc import Callable
 # Written to stderr too; decisions and swap phases are too frequent for the journal.
 LOGGED = frozenset({
     "swap_done", "swap_failed", "load_failed", "planset_reloaded", "planset_rejected",
-    "worker_died", "worker_restart", "materialize", "monitor_start", "monitor_error",
+    "worker_died", "worker_restart", "build_start", "build_done", "build_failed",
+    "monitor_start", "monitor_error",
     "quarantined", "task_failed", "pin_suspended", "pin_restored", "pin_cleared", "reload",
 })
 HISTORY = 50

@@ -3,8 +3,8 @@
 `start` refuses a member that is quarantined or backing off (`Health`) and records every
 failed start; a watcher per worker notices a process that exits unasked, records it as a
 failure of its member and calls `on_death`. `active` is the worker that serves; only the
-swapper changes it (`activate`), under the serving slot. Listeners hear `on_request_start` and
-`on_request_end` around every request, so background work can wait for a quiet moment.
+swapper changes it (`activate`), under the serving slot. Listeners hear `request_started` and
+`request_finished` around every request, so background work can pause meanwhile.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ StartWorker = Callable[[str, Path, Spawn], Awaitable[Worker]]
 
 
 class RequestListener(Protocol):
-    def on_request_start(self) -> None: ...
+    def request_started(self) -> None: ...
 
-    def on_request_end(self) -> None: ...
+    def request_finished(self) -> None: ...
 
 
 class WorkerPool:
@@ -61,13 +61,13 @@ class WorkerPool:
 
     def request_started(self) -> None:
         for listener in self._listeners:
-            listener.on_request_start()
+            listener.request_started()
 
     def request_ended(self, plan: str, *, ok: bool) -> None:
         if ok and self.health.succeeded(plan):
             self._emit("recovered", plan=plan, reason="served a request")
         for listener in self._listeners:
-            listener.on_request_end()
+            listener.request_finished()
 
     async def start(self, plan: str, path: Path) -> Worker:
         """A loaded, warmed-up worker for `plan` (DaemonError: refused or failed, recorded)."""

@@ -1,7 +1,9 @@
 """The scheduler: what the daemon's front doors talk to (cf. ollama's server/sched.go).
 
 It owns no lifetime itself; each has one owner:
-  files       MemberFiles: a loadable GGUF per member (built when missing, never under the slot)
+  files       MemberFiles: each member assembled from the shard store (missing shards built by
+              a child process, never under the slot; a background build paused while a
+              request is served)
   pool        WorkerPool: worker processes (spawn, load, health, stop) and their backoff
   dispatcher  Dispatcher: the bounded queue and the serving slot, one request at a time
   swapper     Swapper: which worker serves, as a state machine (see swapper.py)
@@ -56,7 +58,7 @@ class Scheduler:
                              quarantine_after=config.quarantine_after,
                              quarantine_s=config.quarantine_s)
         self.supervisor = Supervisor(self.emit)
-        self.files = MemberFiles(config.state_dir, planset, emit=self.emit)
+        self.files = MemberFiles(config.state_dir, config.plans, planset, emit=self.emit)
         spawn = Spawn(n_ctx=config.n_ctx or planset.serving.n_ctx,
                       threads=config.threads or planset.serving.threads,
                       gpu_layers=(config.gpu_layers if config.gpu_layers is not None
@@ -66,7 +68,8 @@ class Scheduler:
                                emit=self.emit, on_death=self._died)
         self.pool.add_listener(self.files)
         self.adapter = Adapter(config, planset, priority, monitor=monitor, health=self.health,
-                               emit=self.emit, serving=lambda: self.pool.serving)
+                               emit=self.emit, serving=lambda: self.pool.serving,
+                               shared=self.shared_bytes)
         self.dispatcher = Dispatcher(
             self.pool, bound=config.queue_bound, counts=self.counts,
             progress=self.supervisor.progress, need_worker=lambda: self.swapper.repair(),
@@ -101,6 +104,40 @@ class Scheduler:
     @property
     def monitor(self) -> Source | None:
         return self.adapter.monitor
+
+    # the views front doors (HTTP /health, /metrics) read
+    @property
+    def target(self) -> str | None:
+        return self.swapper.target
+
+    @property
+    def swap(self) -> dict | None:
+        return self.swapper.swap
+
+    @property
+    def broken(self) -> str | None:
+        """Why no worker serves now, when starting one failed (None: one serves, or one is
+        on its way)."""
+        return None if self.pool.alive() is not None else self.dispatcher.last_error
+
+    @property
+    def spawn(self) -> Spawn:
+        return self.pool.spawn
+
+    def latency_scale(self) -> float:
+        return self.adapter.latency_scale()
+
+    def shared_bytes(self, target: str) -> int:
+        """What the serving worker already holds of `target`'s shards (page cache a second
+        worker shares): make-before-break counts only what the new worker adds."""
+        active, member = self.pool.alive(), self.adapter.member(target)
+        loaded = self.adapter.member(active.plan) if active is not None else None
+        if active is None or member is None or loaded is None:
+            return 0
+        try:
+            return self.files.shared_bytes(active.pid, loaded, member)
+        except (OSError, InputError):
+            return 0
 
     @property
     def failed(self) -> asyncio.Event:
@@ -152,7 +189,8 @@ class Scheduler:
         sup = self.supervisor
         sup.start("dispatcher", self.dispatcher.run)
         sup.start("swapper", self.swapper.run)
-        sup.start("prefetch", lambda: self.files.prefetch(self.planset.members), restart=False)
+        sup.start("prefetch", lambda: self.files.prefetch(self.adapter.members()),
+                  restart=False)
         if self.monitor is not None:
             sup.start("monitor", lambda: self.adapter.follow(self.tick))
 
@@ -168,6 +206,7 @@ class Scheduler:
         await self.supervisor.stop()
         self.dispatcher.answer_all(gone)
         await self.pool.stop_all()
+        await self.files.close()
         self.adapter.close()
 
     # ------------------------------------------------------------------ requests
@@ -232,9 +271,14 @@ class Scheduler:
             self.emit("planset_rejected", reason=str(exc))
             raise DaemonError(f"plan set refused, keeping the old one: {exc}",
                               code=wire.INVALID) from None
+        try:
+            self.files.use(planset)
+        except DaemonError as exc:
+            self.emit("planset_rejected", reason=str(exc))
+            raise DaemonError(f"plan set refused, keeping the old one: {exc}",
+                              code=wire.INVALID) from None
         old = {m.id for m in self.planset.members}
         self.adapter.planset = planset
-        self.files.use(planset)
         self.health.clear()  # files may have been repaired: every member gets a new chance
         new = {m.id for m in planset.members}
         self.emit("planset_reloaded", name=planset.name, members=len(planset.members),
@@ -244,7 +288,7 @@ class Scheduler:
             self.adapter.unpin()
         choice = self.adapter.decide(source="reload", user=True)
         self._follow(choice, "plan set reloaded")
-        self.supervisor.start("prefetch", lambda: self.files.prefetch(planset.members),
+        self.supervisor.start("prefetch", lambda: self.files.prefetch(self.adapter.members()),
                               restart=False)
         if wait:
             await self.settle()

@@ -14,22 +14,23 @@ from pathlib import Path
 
 from apreqeld import __version__
 from apreqeld.core.selection import ServiceLevels, priority_from
-from apreqeld.errors import ApreqelError, DaemonError, InputError
+from apreqeld.errors import ApreqelError, DaemonError
 from apreqeld.manifest import load_planset, manifest_path
 from apreqeld.runtime import access, notify, wire
 from apreqeld.runtime.access import Access
 from apreqeld.runtime.config import DaemonConfig
 from apreqeld.runtime.connections import Conn, Connections, Limits
+from apreqeld.runtime.metrics import Metrics
 from apreqeld.runtime.monitor import open_source
-from apreqeld.runtime.scheduler import Scheduler, StartWorker
+from apreqeld.runtime.scheduler import Scheduler
 from apreqeld.runtime.sockets import bind_socket
-from apreqeld.runtime.workers import Spawn, Worker, bad_files, file_problem
+from apreqeld.store.shards import ShardStore
 
 RELOAD_DEBOUNCE_S = 0.3
 BACKLOG = 256  # pending connects the kernel queues before the daemon accepts them
 EXIT_FAILED = 70  # a loop could not be kept running (EX_SOFTWARE): systemd restarts us
 
-__all__ = ["Daemon", "bind_socket", "checked_start", "run_daemon"]
+__all__ = ["Daemon", "bind_socket", "run_daemon"]
 
 
 def limits_of(config: DaemonConfig) -> Limits:
@@ -52,10 +53,18 @@ class Daemon:
         self._manifest_sha: str | None = None
         self._reload_timer: asyncio.TimerHandle | None = None
         self._reloading: asyncio.Task | None = None
+        # With HTTP on, requests of both front doors are counted for its /metrics.
+        self.metrics = Metrics(scheduler) if config.http is not None else None
 
     @property
     def refused(self) -> dict[str, int]:
         return self.connections.refused
+
+    def submit(self, frontend: str, kind: str, params: dict, on_token: Callable[[str], None]):
+        """The scheduler's `submit`, counted for /metrics when HTTP is on."""
+        if self.metrics is not None:
+            return self.metrics.submit(frontend, kind, params, on_token)
+        return self.scheduler.submit(kind, params, on_token)
 
     # ------------------------------------------------------------------ connections
 
@@ -130,7 +139,7 @@ class Daemon:
             if msgid in conn.jobs:
                 raise DaemonError(f"request id {msgid} is already in progress on this "
                                   "connection", code=wire.INVALID)
-            job = s.submit(method, params.model_dump(exclude={"v"}), on_token)
+            job = self.submit("msgpack", method, params.model_dump(exclude={"v"}), on_token)
             conn.jobs[msgid] = job
             try:
                 return await job.future
@@ -179,19 +188,9 @@ class Daemon:
 
     async def reload(self) -> dict:
         """Load the plan set again; refused (event, old set kept) when the manifest is invalid
-        or a GGUF already in the state dir differs from it."""
+        or has no shard table."""
         self._manifest_sha = self._read_sha()
-        try:
-            planset = await asyncio.to_thread(load_planset, self.config.plans)
-        except InputError:
-            return await self.scheduler.reload()  # refuses it with the event
-        bad = await asyncio.to_thread(bad_files, planset, Path(self.config.state_dir))
-        if bad:
-            reason = f"GGUF differs from the manifest: {'; '.join(bad)}"
-            self.scheduler.emit("planset_rejected", reason=reason)
-            raise DaemonError(f"plan set refused, keeping the old one: {reason}",
-                              code=wire.INVALID)
-        return await self.scheduler.reload(planset)
+        return await self.scheduler.reload()
 
     def _changed(self) -> None:
         """(event loop) the manifest may have changed: reload after a short quiet time."""
@@ -259,7 +258,14 @@ class Daemon:
         server = await asyncio.start_unix_server(self.handle, sock=sock, backlog=BACKLOG)
         observer = None
         pinger = None
+        http = None
         try:
+            if self.metrics is not None:
+                from apreqeld.runtime.http import HttpFrontDoor
+
+                self.metrics.start()
+                http = HttpFrontDoor(self.config, self.scheduler, self.metrics)
+                await http.start()  # /health answers 503 while the first plan loads
             notify.notify("STATUS=loading the first plan")
             self._manifest_sha = self._read_sha()
             start = asyncio.create_task(self.scheduler.start())
@@ -293,6 +299,8 @@ class Daemon:
             notify.notify("STOPPING=1", "STATUS=stopping")
             loop.remove_signal_handler(signal.SIGHUP)
             server.close()
+            if http is not None:
+                http.close_listener()
             if observer is not None:
                 observer.stop()
             if pinger is not None:
@@ -300,6 +308,10 @@ class Daemon:
             if self._reloading is not None:
                 self._reloading.cancel()
             await self.scheduler.shutdown(self.config.grace_s)
+            if http is not None:
+                await http.stop()
+            if self.metrics is not None:
+                await self.metrics.stop()
             for conn in list(self.connections.open.values()):
                 with contextlib.suppress(ConnectionError, OSError):
                     await conn.writer.drain()
@@ -325,32 +337,15 @@ class Daemon:
             await asyncio.sleep(interval)
 
 
-def checked_start(scheduler: Callable[[], Scheduler]) -> StartWorker:
-    """Worker.start that first checks the GGUF against the manifest (size and sha256): a
-    file that differs is refused with a `file_rejected` event and never loaded."""
-    async def start(plan: str, path: Path, spawn: Spawn) -> Worker:
-        s = scheduler()
-        member = next((m for m in s.planset.members if m.id == plan), None)
-        problem = member and await asyncio.to_thread(file_problem, member, path)
-        if problem:
-            s.emit("file_rejected", plan=plan, reason=problem)
-            print(f"apreqeld: file_rejected {plan} ({problem})", file=sys.stderr, flush=True)
-            raise DaemonError(f"refusing to load {plan}: {problem}", code=wire.UNAVAILABLE)
-        return await Worker.start(plan, path, spawn)
-
-    return start
-
-
 def run_daemon(config: DaemonConfig) -> None:
     """Load and check the plan set, then serve until stopped (blocking)."""
     planset = load_planset(config.plans)
     priority = priority_from(config.priority)
-    Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+    ShardStore(Path(config.state_dir))  # a state dir others could write is refused here
     monitor = open_source(config.monitor)  # auto: jtop, else procfs (said once)
 
     async def main() -> int:
-        scheduler = Scheduler(config, planset, priority,
-                              start_worker=checked_start(lambda: scheduler), monitor=monitor)
+        scheduler = Scheduler(config, planset, priority, monitor=monitor)
         return await Daemon(config, scheduler).run()
 
     code = asyncio.run(main())

@@ -50,7 +50,7 @@ def status_view(s: Scheduler) -> dict:
         "queue_bound": d.bound,
         "in_flight": d.current is not None,
         "closing": s.closing,
-        "broken": d.last_error,
+        "broken": s.broken,
         "workers": s.pool.describe(),
         "health": health,
         "quarantined": sorted(k for k, v in health.items() if v["quarantined"]),

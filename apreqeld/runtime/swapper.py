@@ -107,6 +107,7 @@ class Swapper:
         self._settled.set()
         self._unavailable = False
         self._retry: asyncio.TimerHandle | None = None
+        self._last_failure: str | None = None
 
     # ------------------------------------------------------------------ requests
 
@@ -151,11 +152,13 @@ class Swapper:
         self.pool.reap(dead)  # its failure counts before the backoff is looked at
         plan = self._restart_plan(dead.plan if dead is not None else self.target)
         if plan is None:
+            why = "every member is quarantined: " + "; ".join(
+                f"{m}: {r['reason']}" for m, r in self.pool.health.view().items()
+                if r["quarantined"])
             if not self._unavailable:
                 self._unavailable = True
-                self._emit("unavailable", reason="no plan-set member can be started (each is "
-                           "quarantined or not in the plan set)")
-            self.dispatcher.worker_unavailable("every member is quarantined")
+                self._emit("unavailable", reason=why)
+            self.dispatcher.worker_unavailable(why, hopeless=True)
             self._retry_in(UNAVAILABLE_RETRY_S)
             return False
         self._unavailable = False
@@ -172,6 +175,7 @@ class Swapper:
             why += f"; {dead.plan} is quarantined"
         if await self._swap(plan, why, repair=True):
             return True
+        self.dispatcher.worker_unavailable(self._last_failure or f"{plan} could not start")
         self._retry_in(max(0.1, self.pool.health.wait_s(plan)))
         return False
 
@@ -254,6 +258,8 @@ class Swapper:
             raise SwapFailed(f"{what} took longer than {timeout_s:g} s") from None
         except DaemonError as exc:
             raise SwapFailed(str(exc)) from None
+        except OSError as exc:  # the machine refused (fds, memory, disk): a failed step
+            raise SwapFailed(f"{what}: {exc}") from None
 
     async def _revert(self, source: str | None, target: str) -> None:
         """(break-before-make, under the slot) serve the old plan again after a failed load."""
@@ -262,7 +268,7 @@ class Swapper:
             return
         with contextlib.suppress(SwapFailed):
             self.pool.activate(await self._step(
-                self.pool.start(source, self.files.path_of(member)), self.load_s + 5,
+                self.pool.start(source, self.files.path(member)), self.load_s + 5,
                 f"loading {source} again"))
 
     # ------------------------------------------------------------------ transitions
@@ -287,6 +293,7 @@ class Swapper:
         self.swap = None
         moved = {"from": source, "to": target} | self._context()
         if failed is not None:
+            self._last_failure = f"{target}: {failed}"
             self._emit("restart_failed" if repair else "swap_failed", **moved, reason=failed,
                        phase=str(Phase.SERVING))
             self._on_failed(target, failed)

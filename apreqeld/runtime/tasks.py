@@ -57,9 +57,11 @@ class Supervisor:
     """Starts named loops and restarts them when they fail, within limits."""
 
     def __init__(self, emit: Callable[..., object], *, max_restarts: int = 5,
-                 window_s: float = 60.0, clock: Clock = time.monotonic) -> None:
+                 window_s: float = 60.0, restart_s: float = 0.5,
+                 clock: Clock = time.monotonic) -> None:
         self._emit = emit
         self.max_restarts, self.window_s = max_restarts, window_s
+        self.restart_s = restart_s  # the wait before a restart, doubled per failure (<= 10 s)
         self._clock = clock
         self._tasks: dict[str, asyncio.Task] = {}
         self._failures: dict[str, deque[float]] = {}
@@ -114,7 +116,7 @@ class Supervisor:
                                       f"{self.window_s:g} s: {reason}"
                         self.failed.set()
                     return
-                await asyncio.sleep(min(0.1 * 2 ** (len(times) - 1), 5.0))
+                await asyncio.sleep(min(self.restart_s * 2 ** (len(times) - 1), 10.0))
 
     async def stop(self) -> None:
         """Cancel every loop and wait for them."""

@@ -9,8 +9,9 @@ whole messages and refuses a declared length over the bound as soon as its heade
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgpack
 from pydantic import (
@@ -55,11 +56,60 @@ class NoParams(_Params):
     pass
 
 
+MAX_SCHEMA_BYTES = 64 * 1024  # a JSON schema to enforce, as JSON text
+MAX_SCHEMA_DEPTH = 32  # nested objects and arrays (msgpack and the grammar converter recurse)
+
+
+def _depth(value: object, limit: int = MAX_SCHEMA_DEPTH + 1) -> int:
+    """How deep objects and arrays nest in `value` (counted up to `limit`, no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth < limit:
+                stack += [(v, depth + 1) for v in (item.values() if isinstance(item, dict)
+                                                   else item)]
+    return deepest
+
+
+class ResponseFormat(BaseModel):
+    """What the text must be: free text, any JSON object, or JSON valid for a schema (each
+    enforced by llama.cpp's grammar sampler in the worker)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = Field(default=None, description="the JSON schema "
+                                               "itself (type json_schema only)")
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type json_schema, and only then")
+        if self.json_schema is not None:
+            if _depth(self.json_schema) > MAX_SCHEMA_DEPTH:
+                raise ValueError(f"json_schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+            try:
+                size = len(json.dumps(self.json_schema))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"json_schema is not JSON ({exc})") from None
+            if size > MAX_SCHEMA_BYTES:
+                raise ValueError(f"json_schema has {size} bytes of JSON, at most "
+                                 f"{MAX_SCHEMA_BYTES}")
+        return self
+
+
 class Sampling(_Params):
     max_tokens: int = Field(default=128, ge=1, le=8192)
     temperature: float = Field(default=0.8, ge=0.0, le=5.0)
-    stop: list[str] = Field(default_factory=list, max_length=8)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0,
+                                description="nucleus sampling (None: llama.cpp's default)")
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list, max_length=8)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    response_format: ResponseFormat | None = None
 
 
 class GenerateParams(Sampling):

@@ -21,6 +21,8 @@ from pathlib import Path
 import msgpack
 import psutil
 
+from apreqeld.errors import InputError
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -86,17 +88,23 @@ def serve(channel: Channel, model, plan: str) -> None:
 
 def run(channel: Channel, model, plan: str, msg: dict) -> None:
     """Generate for one request, streaming tokens; stop early on `cancel`."""
+    from apreqeld.engine import SamplingOptions  # loaded with the model already
+
     rid, p = msg["id"], msg["params"]
-    opts = {"max_tokens": p["max_tokens"], "temperature": p["temperature"],
-            "stop": p.get("stop") or [], "seed": p.get("seed")}
     t0 = time.perf_counter()
     first = None
     finish = "stop"
     try:
+        opts = SamplingOptions(
+            max_tokens=p["max_tokens"], temperature=p["temperature"], stop=p.get("stop") or (),
+            seed=p.get("seed"), top_p=p.get("top_p"),
+            presence_penalty=p.get("presence_penalty") or 0.0,
+            frequency_penalty=p.get("frequency_penalty") or 0.0,
+            response_format=p.get("response_format"))
         if msg["kind"] == "chat":
-            stream = model.chat(p["messages"], **opts)
+            stream = model.chat(p["messages"], options=opts)
         else:
-            stream = model.complete(p["prompt"], **opts)
+            stream = model.complete(p["prompt"], options=opts)
         for piece in stream:
             if piece.text:
                 if first is None:
@@ -110,6 +118,9 @@ def run(channel: Channel, model, plan: str, msg: dict) -> None:
                 if control["t"] != "cancel":
                     channel.pending.insert(0, control)
                 break
+    except InputError as exc:  # the request asked for what cannot be done (wire.INVALID)
+        channel.send({"t": "fail", "id": rid, "code": "invalid", "message": str(exc)})
+        return
     except Exception as exc:  # noqa: BLE001 - the request fails, the worker lives on
         channel.send({"t": "fail", "id": rid, "message": f"{type(exc).__name__}: {exc}"})
         return
@@ -117,7 +128,7 @@ def run(channel: Channel, model, plan: str, msg: dict) -> None:
     n = model.generated
     gen_ms = (end - first) * 1000 if first is not None else 0.0
     channel.send({"t": "done", "id": rid, "finish": finish, "usage": {
-        "completion_tokens": n, "plan": plan,
+        "prompt_tokens": model.prompted, "completion_tokens": n, "plan": plan,
         "ttft_ms": round(((first or end) - t0) * 1000, 3),
         "ms_per_token": round(gen_ms / (n - 1), 3) if n > 1 else None,
         "total_ms": round((end - t0) * 1000, 3)}})
@@ -138,10 +149,16 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     try:
         from apreqeld.engine import ServingModel
+        from apreqeld.evidence.footprint import drop_mapped_pages
 
         model = ServingModel(args.model, n_ctx=args.n_ctx, threads=args.threads,
                              gpu_layers=args.gpu_layers)
         loaded = time.perf_counter()
+        model.warm_up()
+        # The pages of weights llama.cpp repacked (or offloaded) were read once at load and
+        # are never read again: unmapped, so that what stays resident is what decoding reads,
+        # as the footprint was measured, and what a second worker on the same shards shares.
+        drop_mapped_pages(args.model)
         model.warm_up()
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor as one line
         channel.send({"t": "error", "message": f"{exc}"})

@@ -15,41 +15,7 @@ from pathlib import Path
 import msgpack
 
 from apreqeld.errors import DaemonError
-from apreqeld.gguf.view import file_sha256
-from apreqeld.manifest import Member, PlanSet, member_filename
 from apreqeld.runtime import wire
-
-_HASHED: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256, for this process
-
-
-def file_digest(path: Path) -> str:
-    """The file's sha256, hashed once per (inode, size, mtime) in this process."""
-    st = path.stat()
-    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _HASHED:
-        _HASHED[key] = file_sha256(path)
-    return _HASHED[key]
-
-
-def file_problem(member: Member, path: Path) -> str | None:
-    """Why `path` is not the member's GGUF (size, sha256, unreadable), or None."""
-    try:
-        size = path.stat().st_size
-        if size != member.file_bytes:
-            return f"{path.name} has {size} bytes, the manifest says {member.file_bytes}"
-        if file_digest(path) != member.file_sha256:
-            return f"{path.name} has a different sha256 than the manifest"
-    except OSError as exc:
-        return f"cannot read {path.name} ({exc.strerror})"
-    return None
-
-
-def bad_files(planset: PlanSet, state_dir: Path) -> list[str]:
-    """Members whose GGUF is in `state_dir` but differs from the manifest; a missing file is
-    not bad (it is materialized from its recipe)."""
-    found = ((m, Path(state_dir) / member_filename(planset, m)) for m in planset.members)
-    return [f"{m.id}: {problem}" for m, path in found
-            if (path.exists() or path.is_symlink()) and (problem := file_problem(m, path))]
 
 
 class Job:
@@ -230,6 +196,8 @@ class Worker:
                     return {"text": "".join(pieces), "finish": message.get("finish"),
                             "usage": message.get("usage", {})}
                 elif kind == "fail" and message.get("id") == job.seq:
+                    if message.get("code") == wire.INVALID:  # the request, not the worker
+                        raise DaemonError(str(message.get("message")), code=wire.INVALID)
                     raise DaemonError(f"generation failed on {self.plan}: "
                                       f"{message.get('message')}", code=wire.FAILED)
                 elif kind == "eof":

@@ -36,10 +36,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class TinyPlans:
-    """A saved plan set (`plans_dir/planset.json`) and a state dir holding its GGUFs."""
+    """A saved plan set (`plans_dir/planset.json`), the state dir whose shard store its
+    members are assembled from, and the work dir holding its F16 reference."""
 
     plans_dir: Path
     state_dir: Path
+    work_dir: Path
     planset: PlanSet
     by_label: dict[str, str]  # "q4_0", "q8_0", "mix" -> member id
 
@@ -59,14 +61,14 @@ def tiny_plans(tmp_path_factory: pytest.TempPathFactory) -> TinyPlans:
             view, [qtype("q8_0")] * (n // 2) + [qtype("q4_0")] * (n - n // 2),
             outside=qtype("q8_0")),
     }
-    plans_dir, state_dir = root / "plans", root / "state"
-    planset = planset_from_recipes(source, recipes, plans_dir, workspace=Workspace(root / "work"),
-                                   protocol=PROTOCOL, serving_ctx=SERVING_CTX,
-                                   state_dir=state_dir, name="tiny")
+    plans_dir, state_dir, work_dir = root / "plans", root / "state", root / "work"
+    planset = planset_from_recipes(source, recipes, plans_dir,
+                                   workspace=Workspace(work_dir, state_dir=state_dir),
+                                   protocol=PROTOCOL, serving_ctx=SERVING_CTX, name="tiny")
     short = {"uniform q4_0": "q4_0", "uniform q8_0": "q8_0", "mix q8_0/q4_0": "mix"}
     by_label = {short[m.label]: m.id for m in planset.members}
     assert all(m.pareto for m in planset.members)  # the daemon serves the front
-    return TinyPlans(plans_dir, state_dir, planset, by_label)
+    return TinyPlans(plans_dir, state_dir, work_dir, planset, by_label)
 
 
 # --------------------------------------------------------------------------- running a daemon
@@ -103,7 +105,7 @@ def start_daemon(tiny: TinyPlans, tmp: Path, *extra: str, env: dict | None = Non
     log = tmp / "apreqeld.log"
     cmd = [sys.executable, "-m", "apreqeld.cli.daemon", "--plans", str(plans), "--socket",
            str(sock), "--state-dir", str(tiny.state_dir), "--threads", str(THREADS), *extra]
-    full_env = dict(os.environ) | (env or {})
+    full_env = dict(os.environ) | {"APREQEL_HOME": str(tiny.work_dir)} | (env or {})
     with log.open("wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=full_env,
                                 cwd=REPO)

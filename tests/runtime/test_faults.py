@@ -1,6 +1,6 @@
 """Faults on the real daemon: workers killed mid-generation, mid-load and mid-swap; the daemon
-killed mid-swap and restarted; bad GGUFs and manifests; a full state directory; the workspace
-lock shared with `apreqel`."""
+killed mid-swap and restarted; corrupt shards rebuilt and bad manifests refused; a full state
+directory; the workspace lock shared with `apreqel`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import pytest
 
 from apreqeld.client import Client
 from apreqeld.errors import DaemonError
-from apreqeld.manifest import member_filename
+from apreqeld.manifest import member_shards
+from apreqeld.store.shards import ShardStore
 from daemon_support import REPO, start_daemon, wait_until
 from test_daemon import Events, Load
 
@@ -54,15 +55,33 @@ def gone(pids: list[int], timeout: float = 10) -> bool:
     return False
 
 
-def own_state(tiny, tmp: Path, *, copy: tuple[str, ...] = ()) -> Path:
-    """A state dir of hard links to the session's GGUFs; members in `copy` get real copies
-    (to corrupt)."""
+def own_state(tiny, tmp: Path) -> Path:
+    """A state dir with a copy of the session's shard store (its shards to corrupt; copied
+    with their stamps), no member assembled yet."""
     state = tmp / "state"
     state.mkdir()
-    for label, mid in tiny.by_label.items():
-        name = member_filename(tiny.planset, tiny.planset.member(mid))
-        (shutil.copy2 if label in copy else os.link)(tiny.state_dir / name, state / name)
+    shutil.copytree(tiny.state_dir / "store", state / "store")
     return state
+
+
+def shard_of(state: Path, tiny, label: str, *, tensor: str = "blk.3.ffn_up.weight") -> Path:
+    """The file in `state`'s store holding `tensor` of member `label`."""
+    planset = tiny.planset
+    member = planset.member(tiny.by_label[label])
+    sha = planset.store.shards[tensor][member.recipe[tensor]]
+    return ShardStore(state).shard_path(sha)
+
+
+def leftovers(state: Path) -> list[str]:
+    """Anything half-made in a state dir: temp files of the store, temp member folders,
+    member folders with a link that leads nowhere."""
+    store = ShardStore(state)
+    found = [p.name for p in (store.root / "tmp").iterdir()]
+    for folder in store.members.iterdir():
+        if folder.name.startswith(".") or any(not (folder / n).exists()
+                                              for n in os.listdir(folder)):
+            found.append(folder.name)
+    return found
 
 
 @pytest.mark.timeout(120)
@@ -146,16 +165,19 @@ def test_daemon_killed_mid_swap_comes_back_clean(tiny_plans, tmp_path) -> None:
             status = c.status()
             assert c.generate("Hi", max_tokens=2)["plan"] == status["plan"]
         assert status["plan"] in ids.values() and len(status["workers"]) == 1
-        names = {member_filename(tiny_plans.planset, m) for m in tiny_plans.planset.members}
-        assert {p.name for p in state.iterdir()} == names  # no partial file
+        assert leftovers(state) == []  # nothing half-made
     finally:
         d.stop()
 
 
-@pytest.mark.timeout(150)
-def test_bad_gguf_and_bad_manifest_are_refused(tiny_plans, tmp_path) -> None:
+@pytest.mark.timeout(240)
+def test_corrupt_shards_are_rebuilt_and_bad_manifests_refused(tiny_plans, tmp_path) -> None:
+    """A shard overwritten in place or truncated is found by its sha256 when its member is
+    next assembled, and rebuilt by a child process from the reference (the member then
+    serves); a manifest whose member identity is wrong, or invalid JSON, is refused on reload
+    and the old plan set kept."""
     ids = tiny_plans.by_label
-    state = own_state(tiny_plans, tmp_path, copy=("q8_0", "mix"))
+    state = own_state(tiny_plans, tmp_path)
     folder = tmp_path / "d"
     folder.mkdir()
     d = start_daemon(tiny_plans, folder, "--priority", "memory", "--state-dir", str(state))
@@ -164,31 +186,31 @@ def test_bad_gguf_and_bad_manifest_are_refused(tiny_plans, tmp_path) -> None:
     events = Events(d.socket)
     outcomes = {}
     try:
-        with Client(d.socket, timeout=60) as c:
-            # a GGUF with the right size and the wrong bytes: never loaded
-            q8 = state / member_filename(tiny_plans.planset, tiny_plans.planset.member(ids["q8_0"]))
-            with q8.open("r+b") as f:
-                f.seek(q8.stat().st_size // 2)
-                f.write(b"\xff" * 4096)
-            with pytest.raises(DaemonError, match="the pin is cleared") as err:
-                c.pin(ids["q8_0"], wait=True)  # a failed pin is reported and cleared
-            assert err.value.code == "unavailable" and "different sha256" in str(err.value)
-            outcomes["wrong sha256 (pin)"] = events.wait_for("file_rejected")[0]["reason"]
-            status = c.status()
-            assert status["plan"] == ids["q4_0"] and status["pinned"] is None
-            assert events.wait_for("pin_cleared")[0]["plan"] == ids["q8_0"]
+        with Client(d.socket, timeout=120) as c:
+            for label, damage in (("q8_0", "overwritten"), ("mix", "truncated")):
+                shard = shard_of(state, tiny_plans, label)
+                shard.chmod(0o644)
+                if damage == "overwritten":  # the right size, the wrong bytes
+                    with shard.open("r+b") as f:
+                        f.seek(shard.stat().st_size // 2)
+                        f.write(b"\xff" * 4096)
+                else:
+                    os.truncate(shard, shard.stat().st_size // 2)
+                n = len([e for e in events.events if e["kind"] == "build_done"])
+                c.pin(ids[label], wait=True)
+                built = events.wait_for("build_done", count=n + 1)
+                start = [e for e in events.events if e["kind"] == "build_start"][-1]
+                assert start["plan"] == ids[label] and "failed their sha256" in start["reason"]
+                outcomes[damage] = start["reason"]
+                assert built[-1]["plan"] == ids[label]
+                assert c.status()["plan"] == ids[label]
+                assert c.generate("Hi", max_tokens=2)["plan"] == ids[label]
+                assert ShardStore(state).has(shard.stem, deep=True)  # rebuilt, intact
             c.unpin(wait=True)
-            for case in ("wrong sha256 (reload)", "truncated", "manifest sha wrong",
-                         "invalid JSON"):
-                if case == "truncated":
-                    mix = state / member_filename(tiny_plans.planset,
-                                                  tiny_plans.planset.member(ids["mix"]))
-                    os.truncate(mix, mix.stat().st_size // 2)
-                    shutil.copy2(tiny_plans.state_dir / q8.name, q8)  # q8 repaired
-                if case == "manifest sha wrong":
-                    shutil.copy2(tiny_plans.state_dir / mix.name, mix)  # mix repaired
+            for case in ("member identity wrong", "invalid JSON"):
+                if case == "member identity wrong":
                     data = json.loads(good)
-                    data["members"][0]["file_sha256"] = "0" * 64
+                    data["members"][0]["assembly_sha256"] = "0" * 64
                     manifest.write_text(json.dumps(data))
                 if case == "invalid JSON":
                     manifest.write_text('{"kind": "apreqeld.planset", "members": [')
@@ -206,40 +228,46 @@ def test_bad_gguf_and_bad_manifest_are_refused(tiny_plans, tmp_path) -> None:
     finally:
         events.close()
         d.stop()
-    print("\nrefused:", json.dumps(outcomes, indent=1))
+    assert leftovers(state) == []
+    print("\nfaults:", json.dumps(outcomes, indent=1))
 
 
 @pytest.mark.timeout(150)
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_a_full_state_dir_refuses_the_member_and_keeps_serving(tiny_plans, tmp_path) -> None:
+    """The store on a file system with room for q4_0's shards and 4 MiB: building q8_0's
+    fails (no space) in the child, the swap fails with that reason, q4_0 keeps serving, and
+    nothing half-written is left."""
     ids = tiny_plans.by_label
-    q4 = tiny_plans.planset.member(ids["q4_0"])
+    planset = tiny_plans.planset
+    q4 = planset.member(ids["q4_0"])
+    src = ShardStore(tiny_plans.state_dir)
+    shards = set(member_shards(planset, q4))
+    room = sum(src.shard_path(s).stat().st_size for s in shards) + 4 * 1024**2
     state = tmp_path / "state"
     state.mkdir()
-    room = q4.file_bytes + 4 * 1024**2  # q4_0 and 4 MiB: no room to build another member
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(state)],
-                   check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room},mode=0755", "tmpfs",
+                    str(state)], check=True)
     folder = tmp_path / "d"
     folder.mkdir()
     d = None
     try:
-        shutil.copy2(tiny_plans.state_dir / member_filename(tiny_plans.planset, q4), state)
-        d = start_daemon(tiny_plans, folder, "--priority", "memory", "--state-dir",
-                         str(state), env={"APREQEL_HOME": str(tiny_plans.plans_dir.parent
-                                                              / "work")})
+        store = ShardStore(state)
+        for sha in shards:
+            store.shard_path(sha).parent.mkdir(exist_ok=True)
+            shutil.copy2(src.shard_path(sha), store.shard_path(sha))
+        d = start_daemon(tiny_plans, folder, "--priority", "memory", "--state-dir", str(state))
         with Client(d.socket, timeout=120) as c:
-            with pytest.raises(DaemonError, match="cannot materialize"):
-                c.pin(ids["q8_0"], wait=True)
+            with pytest.raises(DaemonError, match="cannot build the shards"):
+                c.pin(ids["q8_0"], wait=True)  # a failed pin is reported and cleared
             status = c.status()
             assert status["plan"] == ids["q4_0"] and status["pinned"] is None
             assert c.generate("Hi", max_tokens=2)["plan"] == ids["q4_0"]
         failed = [line for line in d.stderr().splitlines() if "swap_failed" in line]
-        assert failed and "cannot materialize" in failed[-1], d.stderr()[-2000:]
-        deadline = time.monotonic() + 60  # the background prefetch fails the same way
-        while len(list(state.iterdir())) > 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert [p.name for p in state.iterdir()] == [member_filename(tiny_plans.planset, q4)]
-        print("\nstate dir full:", failed[-1][:160])
+        assert failed and "cannot build the shards" in failed[-1], d.stderr()[-2000:]
+        assert "No space left" in failed[-1], failed[-1]
+        assert leftovers(state) == []
+        print("\nstate dir full:", failed[-1][:200])
     finally:
         if d is not None:
             d.stop()

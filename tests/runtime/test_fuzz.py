@@ -235,7 +235,7 @@ def test_the_wire_survives_bad_input(daemon_factory, tiny_plans) -> None:
                                  ({"prompt": "hi", "max_tokens": 10**9}, wire.INVALID),
                                  ({"prompt": "hi", "max_tokens": -1}, wire.INVALID),
                                  ({"prompt": "hi", "temperature": "hot"}, wire.INVALID),
-                                 ({"prompt": "word " * 40_000}, wire.FAILED)]:
+                                 ({"prompt": "word " * 40_000}, wire.INVALID)]:  # context
                 with pytest.raises(DaemonError) as err:
                     c.call("generate", kwargs)
                 assert err.value.code == code, (kwargs.keys(), err.value)

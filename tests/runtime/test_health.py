@@ -71,7 +71,7 @@ def test_supervision_restarts_a_failing_loop_and_gives_up_after_too_many() -> No
     async def main() -> None:
         events: list[dict] = []
         sup = Supervisor(lambda kind, **f: events.append({"kind": kind} | f), max_restarts=2,
-                         window_s=60)
+                         window_s=60, restart_s=0.001)
         runs = []
 
         async def flaky() -> None:

@@ -9,6 +9,7 @@ fake workers where a test needs them held."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 from dataclasses import replace
 from pathlib import Path
@@ -24,12 +25,16 @@ from apreqeld.manifest import (
     ModelInfo,
     PlanSet,
     Serving,
-    member_filename,
+    ShardTable,
+    assembly_of,
+    assembly_sha256,
 )
 from apreqeld.runtime.config import DaemonConfig
+from apreqeld.runtime.files import MemberFiles
 from apreqeld.runtime.monitor import State
 from apreqeld.runtime.scheduler import Scheduler
 from apreqeld.runtime.swapper import Phase
+from apreqeld.store.shards import ShardStore
 
 MIB = 1024**2
 PIDS = itertools.count(1000)
@@ -38,12 +43,21 @@ SPECS = {"small": (100, 3.0, 0.30), "mid": (150, 5.0, 0.10), "big": (200, 7.0, 0
 FAST = {"backoff_s": 0.001, "backoff_cap_s": 0.004}
 
 
+# The fake members' "shards": one tensor, a type per member, and a metadata split.
+TYPES = {"small": "q4_0", "mid": "q5_0", "big": "q8_0"}
+BLOBS = {name: f"fake shard {name}".encode() for name in ("metadata", *TYPES)}
+SHA = {name: hashlib.sha256(data).hexdigest() for name, data in BLOBS.items()}
+TABLE = ShardTable(engine="fake", tensors=["t.weight"], metadata={"q8_0": SHA["metadata"]},
+                   fixed={}, shards={"t.weight": {TYPES[k]: SHA[k] for k in TYPES}})
+
+
 def make_planset() -> PlanSet:
     members = []
     for i, (label, (mib, ms, kld)) in enumerate(SPECS.items()):
+        recipe = {"t.weight": TYPES[label]}
         members.append(Member(
-            id=f"{i + 1:x}" * 16, kind="uniform", label=label, base_type="q8_0", recipe={},
-            file_sha256="0" * 64, file_bytes=16,
+            id=f"{i + 1:x}" * 16, kind="uniform", label=label, base_type="q8_0", recipe=recipe,
+            assembly_sha256=assembly_sha256(assembly_of(TABLE, recipe, "q8_0")),
             measured=Metrics(parameter_bytes=mib * MIB, footprint_bytes=mib * MIB,
                              latency=LatencyStats(median_ms=ms, iqr_ms=0, mean_ms=ms, std_ms=0,
                                                   n=1),
@@ -52,7 +66,7 @@ def make_planset() -> PlanSet:
     return PlanSet(name="fake", created="2026-01-01", model=ModelInfo(
         name="m", sha256="a" * 64, path="m.gguf", architecture="llama"), engine="fake",
         device={}, protocol={}, serving=Serving(n_ctx=64, threads=1, gpu_layers=0),
-        members=members)
+        members=members, store=TABLE)
 
 
 PLANSET = make_planset()
@@ -183,9 +197,9 @@ class FakeSource:
 
 def scheduler(tmp_path: Path, farm: Farm, *, monitor=None, **config) -> Scheduler:
     state = tmp_path / "state"
-    state.mkdir(exist_ok=True)
-    for m in PLANSET.members:
-        (state / member_filename(PLANSET, m)).write_bytes(b"x" * m.file_bytes)
+    store = ShardStore(state)
+    for data in BLOBS.values():
+        store.add(data)
     priority = config.pop("priority", "memory")
     cfg = DaemonConfig(plans=tmp_path, socket=tmp_path / "s", state_dir=state,
                        **(FAST | {"monitor_interval_s": 60} | config))
@@ -321,19 +335,19 @@ def test_request_hooks_tell_background_work_when_a_request_is_served(tmp_path: P
         calls = []
 
         class Recorder:
-            def on_request_start(self) -> None:
+            def request_started(self) -> None:
                 calls.append("start")
 
-            def on_request_end(self) -> None:
+            def request_finished(self) -> None:
                 calls.append("end")
 
         s.pool.add_listener(Recorder())
         job = submit(s)
         await until(lambda: calls == ["start"])
-        assert not s.files._quiet.is_set()  # the prefetch waits meanwhile
+        assert s.files._serving == 1  # a background build is paused meanwhile
         farm.gate.set()
         await job.future
-        assert calls == ["start", "end"] and s.files._quiet.is_set()
+        assert calls == ["start", "end"] and s.files._serving == 0
         await s.shutdown(1)
 
     asyncio.run(main())
@@ -447,8 +461,8 @@ def test_an_oserror_from_spawning_fails_the_swap_and_swapping_goes_on(tmp_path: 
         await asyncio.wait_for(s.settle(), 5)  # does not hang
         failed = [e for e in s.events.history if e["kind"] == "swap_failed"]
         assert failed and "Too many open files" in failed[-1]["reason"]
-        assert s.serving == IDS["small"] and s.supervisor.running() == ["dispatcher",
-                                                                         "swapper"]
+        assert s.serving == IDS["small"]
+        assert {"dispatcher", "swapper"} <= set(s.supervisor.running())
         await s.pin(IDS["mid"], wait=True)  # the swapper still works
         assert s.serving == IDS["mid"]
         await s.shutdown(1)
@@ -461,6 +475,7 @@ def test_a_loop_that_raises_is_restarted_and_one_that_keeps_raising_fails_the_da
         tmp_path: Path) -> None:
     async def main() -> None:
         s = scheduler(tmp_path, Farm())
+        s.supervisor.restart_s = 0.001
         await s.start()
         real = s.swapper._swap
         bugs = [RuntimeError("a bug")]
@@ -585,33 +600,41 @@ def test_a_pin_is_downgraded_when_it_no_longer_fits_and_restored_after(tmp_path:
 
 
 @pytest.mark.timeout(30)
-def test_missing_members_are_materialized_smallest_first(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import apreqeld.planset
+def test_missing_shards_are_built_outside_the_slot_first_plan_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first plan's shards are built before it loads; the members the policy can choose
+    after it, smallest first, in the background; a swap's build happens before the slot is
+    taken (never inside break-before-make)."""
+    calls: list[tuple[str, bool, bool]] = []
+    holder: list[Scheduler] = []
 
-    calls: list[str] = []
+    async def fake_build(self: MemberFiles, member: Member, *, reason: str,
+                         background: bool) -> None:
+        calls.append((member.label, background, holder[0].dispatcher.slot.locked()))
+        assert "missing from the store" in reason
+        self.store.add(BLOBS[member.label])
 
-    def fake_materialize(planset, state_dir, *, members=None, **_kw) -> dict[str, Path]:
-        out = {}
-        for m in members:
-            calls.append(m.label)
-            path = Path(state_dir) / member_filename(planset, m)
-            path.write_bytes(b"x" * m.file_bytes)
-            out[m.id] = path
-        return out
-
-    monkeypatch.setattr(apreqeld.planset, "materialize", fake_materialize)
+    monkeypatch.setattr(MemberFiles, "_build", fake_build)
 
     async def main() -> None:
-        s = scheduler(tmp_path, Farm(), priority="accuracy")
-        for m in PLANSET.members:
-            s.files.path_of(m).unlink()
+        s = scheduler(tmp_path, Farm(), priority="accuracy", swap_mode="break-before-make")
+        holder.append(s)
+        for label in TYPES:
+            s.files.store.shard_path(SHA[label]).unlink()
+        assert not any(s.files.present(m) for m in PLANSET.members)
         await s.start()  # the first plan (big) is built before it is needed
         await s.pin(IDS["small"], wait=True)
         assert s.serving == IDS["small"]
         await until(lambda: len(calls) == 3)
-        assert calls[0] == "big" and sorted(calls) == ["big", "mid", "small"]
-        assert calls.index("small") < calls.index("mid")  # the rest smallest first
+        # the first plan first; each member once; what start or a swap waited for was built
+        # with the slot free; the background prefetch goes smallest first (the swap to small
+        # and the prefetch race for small: either may build it)
+        assert calls[0] == ("big", False, False)
+        assert sorted(c[0] for c in calls) == ["big", "mid", "small"]
+        assert not any(locked for _, background, locked in calls if not background)
+        background = [label for label, bg, _ in calls if bg]
+        assert background in (["small", "mid"], ["mid"])
+        assert all(s.files.present(m) for m in PLANSET.members)
         await s.shutdown(1)
 
     asyncio.run(main())
@@ -660,6 +683,28 @@ def test_status_counts_one_budget(tmp_path: Path) -> None:
         expected = 1024 * MIB + 100 * MIB - 256 * MIB  # free + the serving one - the reserve
         assert status["budget_bytes"] == priority["decision"]["budget_bytes"] == \
             monitor.decision.budget_bytes == expected
+        await s.shutdown(1)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_when_no_member_can_start_waiting_requests_are_answered_at_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        farm = Farm()
+        s = scheduler(tmp_path, farm, quarantine_after=1)
+        await s.start()
+        farm.failing |= set(IDS.values())  # nothing loads any more
+        farm.crashing.add(IDS["small"])
+        with pytest.raises(DaemonError):
+            await submit(s).future  # kills small; every restart then fails
+        waiting = submit(s)
+        with pytest.raises(DaemonError, match="no variant can serve: every member is "
+                                              "quarantined") as err:
+            await asyncio.wait_for(waiting.future, 10)  # not after unavailable_s (180 s)
+        assert err.value.code == "unavailable"
+        assert sorted(s.status()["quarantined"]) == sorted(IDS.values())
+        assert "unavailable" in kinds(s) and s.broken.startswith("every member is quarantined")
         await s.shutdown(1)
 
     asyncio.run(main())

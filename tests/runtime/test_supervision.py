@@ -46,14 +46,15 @@ def test_an_oserror_from_spawning_a_worker_fails_the_swap_and_swapping_goes_on(
         soft, hard = supervisor.rlimit(psutil.RLIMIT_NOFILE)
         supervisor.rlimit(psutil.RLIMIT_NOFILE, (supervisor.num_fds(), hard))
         try:  # the worker's socketpair fails with EMFILE
-            with pytest.raises(DaemonError, match="Too many open files") as err:
+            with pytest.raises(DaemonError) as err:
                 c.pin(ids["q8_0"], wait=True)
         finally:
             supervisor.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+        assert "Too many open files" in str(err.value), (err.value, d.stderr()[-3000:])
         assert err.value.code == "unavailable"
         after = c.status()
-        assert after["plan"] == ids["q4_0"] and after["loops"]["running"] == [
-            "dispatcher", "monitor", "swapper"]
+        assert after["plan"] == ids["q4_0"]
+        assert {"dispatcher", "monitor", "swapper"} <= set(after["loops"]["running"])
         assert c.pin(ids["q8_0"], wait=True)["plan"] == ids["q8_0"]  # the swapper lives on
         assert c.generate("Hi", max_tokens=2)["plan"] == ids["q8_0"]
     assert "swap_failed" in d.stderr()

@@ -36,7 +36,9 @@ def test_service_declares_what_the_daemon_needs() -> None:
                  "RuntimeDirectory=apreqeld",
                  "StateDirectory=apreqeld", "User=apreqeld", "Group=apreqeld",
                  "ProtectSystem=strict", "NoNewPrivileges=yes", "SupplementaryGroups=jtop",
-                 "--socket /run/apreqeld/apreqeld.sock", "--state-dir /var/lib/apreqeld"):
+                 "--socket /run/apreqeld/apreqeld.sock", "--state-dir /var/lib/apreqeld",
+                 "#Environment=APREQELD_HTTP=127.0.0.1:", "IPAddressDeny=any",
+                 "IPAddressAllow=localhost"):
         assert line in text, line
     socket_unit = (SYSTEMD / "apreqeld.socket").read_text()
     assert "ListenStream=/run/apreqeld/apreqeld.sock" in socket_unit
@@ -44,8 +46,13 @@ def test_service_declares_what_the_daemon_needs() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_units_pass_systemd_analyze_verify(units: Path) -> None:
+@pytest.mark.parametrize("http", [False, True], ids=["socket only", "http on loopback"])
+def test_units_pass_systemd_analyze_verify(units: Path, http: bool) -> None:
     analyze = tool("systemd-analyze")
+    if http:  # the unit with its HTTP line uncommented
+        service = units / "apreqeld.service"
+        service.write_text(service.read_text().replace("#Environment=APREQELD_HTTP=",
+                                                       "Environment=APREQELD_HTTP="))
     run = subprocess.run([analyze, "verify", "--man=no", str(units / "apreqeld.service"),
                           str(units / "apreqeld.socket")], capture_output=True, text=True,
                          cwd=units, timeout=60)

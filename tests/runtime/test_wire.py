@@ -177,7 +177,13 @@ def test_client_streams_and_maps_errors(server) -> None:
         assert list(stream) == ["a", "b"]
         assert stream.result == {"text": "ab", "plan": "p1", "usage": {"completion_tokens": 2}}
         assert stub.submitted[-1] == {"prompt": "hi", "max_tokens": 2, "temperature": 0.8,
-                                      "stop": [], "seed": 3}
+                                      "stop": [], "seed": 3, "top_p": None,
+                                      "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                                      "response_format": None}
+        c.generate("hi", max_tokens=2, top_p=0.9, response_format={"type": "json_object"})
+        assert stub.submitted[-1]["top_p"] == 0.9
+        assert stub.submitted[-1]["response_format"] == {"type": "json_object",
+                                                         "json_schema": None}
         assert c.chat([{"role": "user", "content": "hi"}])["text"] == "ab"
         stub.busy = True
         with pytest.raises(BusyError, match="queue is full"):
