@@ -4,12 +4,18 @@
         for piece in (s := c.generate_stream("Once upon a time", max_tokens=32)):
             print(piece, end="")
         print(s.result["plan"], s.result["usage"])
+
+A full listen backlog is retried for BACKLOG_RETRY_S, then reported as busy; a connection the
+daemon closed while idle is opened again by the next request; `Stream.close()` cancels.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
+import select
 import socket
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -19,6 +25,7 @@ from apreqeld.runtime.config import default_socket
 
 NOT_RUNNING = "not_running"
 PERMISSION = "permission"
+BACKLOG_RETRY_S = 2.0  # how long a full listen backlog is retried before "busy"
 
 
 def remote_error(error: object) -> DaemonError:
@@ -28,6 +35,14 @@ def remote_error(error: object) -> DaemonError:
     else:
         code, message = wire.FAILED, str(error)
     return BusyError(message) if code == wire.BUSY else DaemonError(message, code=code)
+
+
+def _goodbye(message: object) -> bool:
+    """The daemon's notice that it closes the connection (idle, or room made for another)."""
+    return (isinstance(message, list) and len(message) == 3 and message[0] == wire.NOTIFICATION
+            and message[1] == "error" and isinstance(message[2], list) and bool(message[2])
+            and isinstance(message[2][0], dict)
+            and message[2][0].get("code") in (wire.IDLE, wire.BUSY))
 
 
 class Stream:
@@ -49,6 +64,12 @@ class Stream:
         """Consume the stream; the whole text."""
         return "".join(self)
 
+    def close(self) -> None:
+        """Cancel the generation: the worker stops at once, `result` holds what was made
+        (finish "cancelled"; None when it had not started), the connection stays usable."""
+        if self.result is None:
+            self.result = self._client._cancel(self._id)
+
 
 class Client:
     """One connection to the daemon; one request at a time."""
@@ -69,25 +90,44 @@ class Client:
         self.close()
 
     def connect(self) -> None:
+        """Connect; a full listen backlog is retried briefly, then BusyError."""
         if self._sock is not None:
             return
+        deadline = time.monotonic() + BACKLOG_RETRY_S
+        pause = 0.005
+        while True:
+            try:
+                self._sock = self._connect_once()
+                return
+            except BlockingIOError:
+                if time.monotonic() + pause > deadline:
+                    raise BusyError(f"busy: the daemon on {self.path} accepts no connection "
+                                    f"(its listen backlog stayed full for "
+                                    f"{BACKLOG_RETRY_S:g} s); try again") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
+
+    def _connect_once(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
             sock.connect(str(self.path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            raise DaemonError(f"daemon not running (nothing listens on {self.path})",
-                              code=NOT_RUNNING) from None
-        except PermissionError:
-            sock.close()
-            raise DaemonError(f"permission denied on {self.path} (are you in the socket's "
-                              "group?)", code=PERMISSION) from None
         except OSError as exc:
             sock.close()
-            raise DaemonError(f"cannot connect to {self.path}: {exc.strerror}",
-                              code=NOT_RUNNING) from None
-        self._sock = sock
+            if isinstance(exc, BlockingIOError) or exc.errno in (errno.EAGAIN,
+                                                                  errno.EWOULDBLOCK):
+                raise BlockingIOError(exc.errno, exc.strerror) from None
+            raise self._connect_error(exc) from None
+        return sock
+
+    def _connect_error(self, exc: OSError) -> DaemonError:
+        if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
+            return DaemonError(f"daemon not running (nothing listens on {self.path})",
+                               code=NOT_RUNNING)
+        if isinstance(exc, PermissionError):
+            return DaemonError(f"permission denied on {self.path} (are you in the socket's "
+                               "group?)", code=PERMISSION)
+        return DaemonError(f"cannot connect to {self.path}: {exc.strerror}", code=NOT_RUNNING)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -96,7 +136,31 @@ class Client:
 
     # ------------------------------------------------------------------ transport
 
+    def _drop_if_closed(self) -> None:
+        """Between requests: when the daemon has closed this connection, forget it so that
+        the next request connects again."""
+        sock = self._sock
+        if sock is None or not select.select([sock], [], [], 0)[0]:
+            return  # nothing pending: still open
+        try:
+            data = sock.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            probe = wire.unpacker()
+            probe.feed(data)
+            try:
+                if not any(_goodbye(m) for m in probe):
+                    return
+            except ValueError:
+                return
+        self.close()
+        self._unpacker = wire.unpacker()
+
     def _send(self, method: str, params: dict | None) -> int:
+        self._drop_if_closed()
         self.connect()
         msgid = next(self._ids)
         try:
@@ -148,6 +212,26 @@ class Client:
                     return "event", params
         raise AssertionError("unreachable")
 
+    def _cancel(self, msgid: int) -> dict | None:
+        """Cancel request `msgid`, then read on to its final response and the cancel's own
+        (None: it ended with an error, e.g. cancelled before it started)."""
+        cid = self._send("cancel", {"id": msgid})
+        final: dict | None = None
+        waiting = {cid, msgid}
+        for message in self._messages():
+            if not isinstance(message, list) or not message:
+                continue
+            if message[0] == wire.NOTIFICATION and message[1] == "error":
+                self.close()
+                raise remote_error((message[2] or [None])[0])
+            if message[0] == wire.RESPONSE and message[1] in waiting:
+                waiting.discard(message[1])
+                if message[1] == msgid and message[2] is None:
+                    final = message[3]
+                if not waiting:
+                    return final
+        raise AssertionError("unreachable")
+
     def call(self, method: str, params: dict | None = None) -> object:
         """One request, its result (tokens and events in between are skipped)."""
         msgid = self._send(method, params)
@@ -190,6 +274,10 @@ class Client:
 
     def reload(self) -> dict:
         return self.call("reload")
+
+    def cancel(self, msgid: int) -> dict:
+        """Cancel a request of this connection by id ({"cancelled": False}: none such)."""
+        return self.call("cancel", {"id": msgid})
 
     @staticmethod
     def _sampling(max_tokens: int, temperature: float, stop: Sequence[str], seed: int | None,

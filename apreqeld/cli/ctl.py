@@ -106,11 +106,13 @@ def render_status(s: dict) -> str:
         f"plan       {s['plan'] or '(loading)'}  {s.get('label') or ''}".rstrip(),
         f"swapping   {swapping}",
         f"priority   {pr['name'] or 'weights'} ({weights})",
-        f"pinned     {s['pinned'] or 'no'}",
+        f"pinned     {s['pinned'] or 'no'}"
+        f"{' (suspended: it does not fit now)' if s.get('pin_held') else ''}",
         f"queue      {s['queue']} of {s['queue_bound']} waiting, "
         f"in flight: {'yes' if s['in_flight'] else 'no'}",
         f"served     {counts.get('served', 0)} requests, {counts.get('swaps', 0)} swaps, "
         f"{counts.get('restarts', 0)} restarts",
+        *([f"quarantined {', '.join(q)}"] if (q := s.get("quarantined")) else []),
         *render_machine(s),
     ])
 
@@ -166,6 +168,8 @@ def render_event(e: dict) -> str:
     parts = [stamp, e["kind"]]
     if e.get("from") is not None or e.get("to") is not None:
         parts.append(f"{e.get('from')} -> {e.get('to')}")
+    if e["kind"] == "swap_phase" and e.get("phase"):
+        parts.append(e["phase"])
     if e.get("mode"):
         parts.append(f"[{e['mode']}]")
     if e.get("total_ms") is not None:

@@ -1,21 +1,28 @@
-"""Who may do what on the daemon's socket: roles from the peer's credentials (SO_PEERCRED).
+"""Who may do what on the daemon's socket: roles from the peer's credentials, as the kernel
+recorded them at connect time (SO_PEERCRED for uid and gid, SO_PEERGROUPS for the
+supplementary groups; never /proc, which races with the peer and hidepid hides).
 
-Inference (generate, chat, status, plans, events) for the socket's group; control
+Inference (generate, chat, cancel, status, plans, events) for the socket's group; control
 (set_priority, pin, unpin, reload) for root, the service user and the configured admin group.
+No credentials, no access: every doubt is refused.
 """
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import socket
 import struct
+import sys
 from dataclasses import dataclass
 
 from apreqeld.errors import InputError
 
 INFERENCE, CONTROL = "inference", "control"
 CONTROL_METHODS = frozenset({"set_priority", "pin", "unpin", "reload"})
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59 if sys.platform.startswith("linux") else None)
+NGROUPS_MAX = 65536
 
 
 @dataclass(frozen=True)
@@ -29,23 +36,30 @@ class Peer:
 
 
 def peer_of(sock: socket.socket) -> Peer | None:
-    """The peer's credentials (None where SO_PEERCRED is not available)."""
+    """The peer's credentials; None when the kernel cannot say (then nothing is allowed)."""
     if not hasattr(socket, "SO_PEERCRED"):
         return None
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return Peer(pid, uid, gid, frozenset({gid}) | _supplementary(pid))
-
-
-def _supplementary(pid: int) -> frozenset[int]:
-    """The peer's supplementary groups from /proc (empty when it has already gone)."""
     try:
-        with open(f"/proc/{int(pid)}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    return frozenset(int(g) for g in line.split()[1:])
-    except (OSError, ValueError):
-        pass
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid, uid, gid, frozenset({gid}) | peer_groups(sock))
+
+
+def peer_groups(sock: socket.socket) -> frozenset[int]:
+    """The peer's supplementary groups from SO_PEERGROUPS (empty where the kernel lacks it:
+    fewer rights, never more)."""
+    if SO_PEERGROUPS is None:
+        return frozenset()
+    for count in (256, NGROUPS_MAX):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * count)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue
+            return frozenset()
+        return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4]))
     return frozenset()
 
 
@@ -78,9 +92,9 @@ class Access:
         return Access(self.uid, gid, self.admin_gid)
 
     def role(self, peer: Peer | None) -> str | None:
-        """CONTROL, INFERENCE or None (not allowed at all); no credentials: this user only."""
+        """CONTROL, INFERENCE or None (not allowed at all, also without credentials)."""
         if peer is None:
-            return CONTROL
+            return None
         if peer.uid in (0, self.uid) or (self.admin_gid is not None
                                           and self.admin_gid in peer.groups):
             return CONTROL

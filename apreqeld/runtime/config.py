@@ -25,8 +25,11 @@ from apreqeld.storage import default_workdir
 
 SOCKET_ENV = "APREQELD_SOCKET"
 HTTP_ENV = "APREQELD_HTTP"  # the default of `http` (the systemd unit can set it)
-DEFAULT_RESERVE = 256 * 1024**2
-DEFAULT_SLACK = 64 * 1024**2
+# The daemon's one set of policy defaults (the Policy class and the CLI's help use these).
+DEFAULT_RESERVE = 256 * 1024**2  # bytes kept free for the OS and the daemon
+DEFAULT_SLACK = 64 * 1024**2  # a bigger member must fit with this to spare (no flapping)
+DEFAULT_DWELL_S = 10.0  # seconds a member serves before the monitor may upgrade it
+DEFAULT_MARGIN = 0.05  # closeness a better member must gain to be switched to
 MONITORS = "auto, procfs, jtop or trace:FILE"
 
 
@@ -98,8 +101,8 @@ class DaemonConfig(BaseModel):
     gpu_layers: int | None = Field(default=None, ge=0)
     queue_bound: int = Field(default=64, ge=1, le=100_000)
     priority: str = "balanced"
-    swap_margin: float = Field(default=0.05, ge=0, le=1)
-    min_dwell_s: float = Field(default=10.0, ge=0)
+    swap_margin: float = Field(default=DEFAULT_MARGIN, ge=0, le=1)
+    min_dwell_s: float = Field(default=DEFAULT_DWELL_S, ge=0)
     reserve_bytes: int = Field(default=DEFAULT_RESERVE, ge=0,
                                description="memory kept free for the OS (512MiB, 1GB, bytes)")
     slack_bytes: int = Field(default=DEFAULT_SLACK, ge=0,
@@ -110,7 +113,28 @@ class DaemonConfig(BaseModel):
     adapt: bool = Field(default=True, description="follow the machine (False: decide, not act)")
     swap_mode: Literal["auto", "make-before-break", "break-before-make"] = "auto"
     grace_s: float = Field(default=10.0, ge=0, description="SIGTERM: time to finish requests")
-    load_timeout_s: float = Field(default=120.0, gt=0)
+    load_timeout_s: float = Field(default=120.0, gt=0, description="a worker's load and warm-up")
+    prepare_timeout_s: float = Field(default=900.0, gt=0,
+                                     description="a swap's target file made ready (built)")
+    drain_timeout_s: float = Field(default=120.0, gt=0, description="a swap waiting for the "
+                                   "request in flight before it gives up")
+    stall_timeout_s: float = Field(default=60.0, gt=0, description="a worker silent this long "
+                                   "during a request is killed")
+    backoff_s: float = Field(default=1.0, gt=0, description="wait after a member's first "
+                             "failure, doubled per failure in a row")
+    backoff_cap_s: float = Field(default=60.0, gt=0)
+    quarantine_after: int = Field(default=3, ge=1, description="failures in a row before a "
+                                  "member is quarantined")
+    quarantine_s: float = Field(default=600.0, gt=0)
+    max_connections: int = Field(default=128, ge=1, le=65_536,
+                                 description="open connections (inference and control)")
+    control_reserve: int = Field(default=8, ge=1, le=1024, description="connections beyond "
+                                 "max_connections that only control peers may open")
+    max_connections_per_uid: int = Field(default=64, ge=1, le=65_536)
+    idle_timeout_s: float = Field(default=300.0, gt=0, description="a connection with no "
+                                  "request in progress is closed after this")
+    frame_timeout_s: float = Field(default=5.0, gt=0, description="a message begun must be "
+                                   "finished within this")
     watch: bool = True
     admin_group: str | None = Field(default=None, description="group (name or gid) whose "
                                     "members may control the daemon, besides root and the "

@@ -1,5 +1,6 @@
 """The timing around the pure plan choice: budget from the monitor's State, live latency scale,
-dwell time since the last switch. No asyncio: the scheduler calls `decide` once per State.
+dwell time since the last switch. No asyncio. `decide` is the daemon's one decision path: the
+monitor's (margin and dwell) and a user's (priority, pin, reload: neither) go through it.
 """
 
 from __future__ import annotations
@@ -12,12 +13,8 @@ from apreqeld.core.budget import budget_bytes, condition_latency, latency_scale
 from apreqeld.core.selection import Candidate, Decision, Priority, choose
 from apreqeld.errors import InputError
 from apreqeld.manifest import Member
+from apreqeld.runtime.config import DEFAULT_DWELL_S, DEFAULT_MARGIN, DEFAULT_RESERVE, DEFAULT_SLACK
 from apreqeld.runtime.monitor import State
-
-DEFAULT_RESERVE = 512 * 1024**2  # bytes kept free for the OS and the daemon
-DEFAULT_SLACK = 256 * 1024**2  # a new member must fit with this to spare (no flapping)
-DEFAULT_DWELL_S = 30.0
-DEFAULT_MARGIN = 0.05
 
 
 def candidates_of(
@@ -98,17 +95,19 @@ class Policy:
         current: str | None,
         now: float,
         accuracy: Literal["kld", "ppl"] = "kld",
+        user: bool = False,
     ) -> Decision:
-        """The member to serve in this state; a switch starts the dwell time at `now`."""
+        """The member to serve in this state. The monitor's decision (`user=False`) needs the
+        margin and the dwell time, and a switch starts the dwell at `now`; a user's decision
+        (a new priority, an unpin, a reload) needs neither."""
         cands = candidates_of(members, accuracy=accuracy, power_mode=state.power_mode)
         loaded = next((c for c in cands if c.id == current), None)
         budget = self.budget(state, current_footprint=loaded.footprint_bytes if loaded else 0.0)
-        dwell = self.dwell_elapsed(now)
         decision = choose(
             cands, priority, current=current, budget_bytes=budget,
-            latency_scale=self.latency_scale(loaded), margin=self.margin,
-            dwell_elapsed=dwell, slack_bytes=self.slack_bytes,
+            latency_scale=self.latency_scale(loaded), margin=0.0 if user else self.margin,
+            dwell_elapsed=user or self.dwell_elapsed(now), slack_bytes=self.slack_bytes,
         )
-        if decision.switch:
+        if decision.switch and not user:
             self.switched(now=now)
         return decision

@@ -1,5 +1,5 @@
-"""The daemon process: the Unix socket, one task per request, the plan-set watcher, systemd
-notifications, and a clean stop on SIGTERM."""
+"""The daemon process: the Unix socket and its connections, one task per request, the
+plan-set watcher, systemd notifications, a reload on SIGHUP and a clean stop on SIGTERM."""
 
 from __future__ import annotations
 
@@ -8,57 +8,36 @@ import contextlib
 import hashlib
 import os
 import signal
-import socket
-import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import msgpack
-
 from apreqeld import __version__
 from apreqeld.core.selection import ServiceLevels, priority_from
-from apreqeld.errors import ApreqelError, DaemonError, InputError
+from apreqeld.errors import ApreqelError, DaemonError
 from apreqeld.manifest import load_planset, manifest_path
 from apreqeld.runtime import access, notify, wire
 from apreqeld.runtime.access import Access
 from apreqeld.runtime.config import DaemonConfig
+from apreqeld.runtime.connections import Conn, Connections, Limits
 from apreqeld.runtime.metrics import Metrics
 from apreqeld.runtime.monitor import open_source
 from apreqeld.runtime.scheduler import Scheduler
+from apreqeld.runtime.sockets import bind_socket
 from apreqeld.store.shards import ShardStore
 
 RELOAD_DEBOUNCE_S = 0.3
-MAX_CONNECTIONS = 128  # beyond: refused with a "busy" error and closed
-MAX_PENDING = 32  # requests in progress on one connection; beyond: "busy" answers
-FRAME_TIMEOUT_S = 5.0  # a message begun must be finished within this time
-SEND_LIMIT = 4 * wire.MAX_FRAME  # bytes queued unread for one client before it is dropped
+BACKLOG = 256  # pending connects the kernel queues before the daemon accepts them
+EXIT_FAILED = 70  # a loop could not be kept running (EX_SOFTWARE): systemd restarts us
+
+__all__ = ["Daemon", "bind_socket", "run_daemon"]
 
 
-def bind_socket(path: Path) -> socket.socket:
-    """A listening Unix socket at `path` (mode 0660); a stale socket file is replaced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise InputError(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()
-        else:
-            raise DaemonError(f"another daemon is listening on {path}")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-    except OSError as exc:
-        sock.close()
-        raise InputError(f"cannot listen on {path}: {exc.strerror}") from None
-    os.chmod(path, 0o660)
-    sock.listen(64)
-    return sock
+def limits_of(config: DaemonConfig) -> Limits:
+    return Limits(max_connections=config.max_connections,
+                  control_reserve=config.control_reserve,
+                  per_uid=config.max_connections_per_uid, idle_timeout_s=config.idle_timeout_s,
+                  frame_timeout_s=config.frame_timeout_s)
 
 
 class Daemon:
@@ -68,13 +47,18 @@ class Daemon:
         self.config = config
         self.scheduler = scheduler
         self.stopping = asyncio.Event()
-        self._connections: set[asyncio.StreamWriter] = set()
+        self.connections = Connections(limits_of(config))
         self.access = Access(os.geteuid(), os.getegid(), access.group_id(config.admin_group))
-        self.refused: dict[str, int] = {}  # connections refused or dropped, by reason
+        self.exit_code = 0
         self._manifest_sha: str | None = None
         self._reload_timer: asyncio.TimerHandle | None = None
+        self._reloading: asyncio.Task | None = None
         # With HTTP on, requests of both front doors are counted for its /metrics.
         self.metrics = Metrics(scheduler) if config.http is not None else None
+
+    @property
+    def refused(self) -> dict[str, int]:
+        return self.connections.refused
 
     def submit(self, frontend: str, kind: str, params: dict, on_token: Callable[[str], None]):
         """The scheduler's `submit`, counted for /metrics when HTTP is on."""
@@ -85,103 +69,46 @@ class Daemon:
     # ------------------------------------------------------------------ connections
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One connection: decode frames, check each request, run it in its own task."""
+        """One connection: its role from the kernel's credentials, then its frames."""
         sock = writer.get_extra_info("socket")
-        role = self.access.role(access.peer_of(sock) if sock is not None else None)
-        if role is None or len(self._connections) >= MAX_CONNECTIONS:
-            code, why = ((wire.PERMISSION, "permission denied: not in the socket's group")
-                         if role is None else
-                         (wire.BUSY, f"busy: {MAX_CONNECTIONS} connections are open"))
-            self.refused[code] = self.refused.get(code, 0) + 1
-            self._send(writer, wire.notification("error", wire.error(code, why)))
-            writer.close()
+        peer = access.peer_of(sock) if sock is not None else None
+        role = self.access.role(peer)
+        if peer is None or role is None:
+            self.connections.refuse(writer, wire.PERMISSION, "permission denied: not in the "
+                                    "socket's group" if peer else "permission denied: the "
+                                    "peer's credentials are unknown")
             return
-        self._connections.add(writer)
-        unpacker = wire.unpacker()
-        tasks: set[asyncio.Task] = set()
-        jobs: set = set()
-        fed = 0
-        try:
-            while not writer.is_closing():
-                partial = fed > unpacker.tell()  # a frame begun and not finished
-                try:
-                    data = await asyncio.wait_for(reader.read(65536),
-                                                  FRAME_TIMEOUT_S if partial else None)
-                except TimeoutError:
-                    self._close_with(writer, wire.INVALID, "an incomplete message for "
-                                     f"{FRAME_TIMEOUT_S:g} s")
-                    break
-                if not data:
-                    if partial:
-                        self._close_with(writer, wire.INVALID, "truncated message")
-                    break
-                fed += len(data)
-                try:
-                    unpacker.feed(data)
-                    for message in unpacker:
-                        self._admit(writer, message, role, tasks, jobs)
-                except msgpack.BufferFull:
-                    self._close_with(writer, wire.TOO_LARGE,
-                                     f"message exceeds the frame bound {wire.MAX_FRAME}")
-                except (msgpack.UnpackException, ValueError) as exc:
-                    self._close_with(writer, wire.INVALID, f"not MessagePack: {exc}")
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            for job in jobs:
-                job.cancelled = True
-            for task in tasks:
-                if task.get_name() == "events":
-                    task.cancel()
-            self._connections.discard(writer)
-            writer.close()
+        await self.connections.serve(reader, writer, peer.uid, role, self._admit)
 
-    def _close_with(self, writer: asyncio.StreamWriter, code: str, message: str) -> None:
-        """An error notification, then the connection ends (after it is written)."""
-        self._send(writer, wire.notification("error", wire.error(code, message)))
-        writer.close()
-
-    def _admit(self, writer: asyncio.StreamWriter, message: object, role: str,
-               tasks: set[asyncio.Task], jobs: set) -> None:
+    def _admit(self, conn: Conn, message: object) -> None:
         """Validate one decoded message and start serving it, or answer its error at once."""
         try:
             msgid, method, params = wire.parse_request(message)
         except wire.BadMessage as bad:
             if bad.msgid is None:
-                self._send(writer, wire.notification("error", wire.error(bad.code, bad.message)))
+                conn.send(wire.notification("error", wire.error(bad.code, bad.message)))
             else:
-                self._send(writer, wire.response(bad.msgid, wire.error(bad.code, bad.message)))
+                conn.send(wire.response(bad.msgid, wire.error(bad.code, bad.message)))
             return
-        if not self.access.allows(role, method):
-            self._send(writer, wire.response(msgid, wire.error(
+        if not self.access.allows(conn.role, method):
+            conn.send(wire.response(msgid, wire.error(
                 wire.PERMISSION, f"permission denied: {method} needs the control role (root, "
                 "the service user or the admin group)")))
             return
-        if len(tasks) >= MAX_PENDING:
-            self._send(writer, wire.response(msgid, wire.error(
-                wire.BUSY, f"busy: {MAX_PENDING} requests pending on this connection")))
+        if len(conn.tasks) >= self.connections.limits.max_pending:
+            conn.send(wire.response(msgid, wire.error(
+                wire.BUSY, f"busy: {self.connections.limits.max_pending} requests pending on "
+                "this connection")))
             return
-        task = asyncio.create_task(self._request(writer, msgid, method, params, jobs),
-                                   name="events" if method == "events" else method)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        conn.track(asyncio.create_task(self._request(conn, msgid, method, params),
+                                       name="events" if method == "events" else method))
 
-    def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        """Queue bytes for a client; one that lets SEND_LIMIT pile up unread is dropped."""
-        if writer.is_closing():
-            return
-        writer.write(data)
-        if writer.transport.get_write_buffer_size() > SEND_LIMIT:
-            self.refused["slow"] = self.refused.get("slow", 0) + 1
-            writer.transport.abort()
-
-    async def _request(self, writer: asyncio.StreamWriter, msgid: int, method: str, params,
-                       jobs: set) -> None:
+    async def _request(self, conn: Conn, msgid: int, method: str, params) -> None:
         try:
             if method == "events":
-                await self._events(writer, msgid)
+                await self._events(conn, msgid)
                 return
-            result = await self._call(writer, msgid, method, params, jobs)
+            result = await self._call(conn, msgid, method, params)
             reply = wire.response(msgid, None, result)
         except DaemonError as exc:
             reply = wire.response(msgid, wire.error(exc.code, str(exc)))
@@ -192,28 +119,37 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - the daemon answers and lives on
             print(f"apreqeld: internal error in {method}: {exc!r}", file=sys.stderr)
             reply = wire.response(msgid, wire.error(wire.FAILED, f"internal error: {exc}"))
-        self._send(writer, reply)
+        conn.send(reply)
 
-    async def _call(self, writer, msgid: int, method: str, params, jobs: set) -> object:
+    async def _call(self, conn: Conn, msgid: int, method: str, params) -> object:
         s = self.scheduler
         if method == "hello":
             return {"protocol": wire.PROTOCOL, "daemon": f"apreqeld {__version__}",
                     "methods": list(wire.METHODS), "max_frame": wire.MAX_FRAME}
         if method == "status":
-            return s.status() | {"connections": len(self._connections),
+            return s.status() | {"connections": len(self.connections),
+                                 "connection_limits": self.connections.view(),
                                  "refused": dict(self.refused)}
         if method == "plans":
             return s.plans()
         if method in ("generate", "chat"):
             def on_token(text: str) -> None:
-                self._send(writer, wire.notification("token", {"id": msgid, "text": text}))
+                conn.send(wire.notification("token", {"id": msgid, "text": text}))
 
+            if msgid in conn.jobs:
+                raise DaemonError(f"request id {msgid} is already in progress on this "
+                                  "connection", code=wire.INVALID)
             job = self.submit("msgpack", method, params.model_dump(exclude={"v"}), on_token)
-            jobs.add(job)
+            conn.jobs[msgid] = job
             try:
                 return await job.future
             finally:
-                jobs.discard(job)
+                conn.jobs.pop(msgid, None)
+        if method == "cancel":
+            job = conn.jobs.get(params.id)
+            if job is not None:
+                job.cancelled = True
+            return {"cancelled": job is not None}
         if method == "set_priority":
             levels = ServiceLevels(params.max_latency_ms, params.max_accuracy,
                                    params.max_memory_bytes)
@@ -228,20 +164,21 @@ class Daemon:
             return await self.reload()
         raise DaemonError(f"method {method} is not served", code=wire.UNKNOWN_METHOD)
 
-    async def _events(self, writer: asyncio.StreamWriter, msgid: int) -> None:
+    async def _events(self, conn: Conn, msgid: int) -> None:
         queue = self.scheduler.subscribe()
+        writer = conn.writer
         try:
-            self._send(writer, wire.response(msgid, None, {"subscribed": True}))
+            conn.send(wire.response(msgid, None, {"subscribed": True}))
             while not writer.is_closing():
                 event = await queue.get()
-                self._send(writer, wire.notification("event", event))
+                conn.send(wire.notification("event", event))
                 await writer.drain()
         except (ConnectionError, OSError):
             pass
         finally:
             self.scheduler.unsubscribe(queue)
 
-    # ------------------------------------------------------------------ plan-set watch
+    # ------------------------------------------------------------------ plan-set reloads
 
     def _read_sha(self) -> str | None:
         try:
@@ -260,15 +197,29 @@ class Daemon:
         if self._reload_timer is not None:
             self._reload_timer.cancel()
         loop = asyncio.get_running_loop()
-        self._reload_timer = loop.call_later(RELOAD_DEBOUNCE_S,
-                                             lambda: loop.create_task(self._auto_reload()))
+        self._reload_timer = loop.call_later(RELOAD_DEBOUNCE_S, self._start_reload, False)
 
-    async def _auto_reload(self) -> None:
-        sha = self._read_sha()
-        if sha is None or sha == self._manifest_sha:
-            return
-        with contextlib.suppress(DaemonError):
+    def _start_reload(self, forced: bool) -> None:
+        """One background reload at a time (the watcher's, or SIGHUP's when `forced`)."""
+        if self._reloading is not None and not self._reloading.done():
+            if not forced:
+                return
+        self._reloading = asyncio.get_running_loop().create_task(self._background_reload(
+            forced), name="reload")
+
+    async def _background_reload(self, forced: bool) -> None:
+        if forced:
+            self.scheduler.emit("reload", reason="SIGHUP")
+        else:
+            sha = self._read_sha()
+            if sha is None or sha == self._manifest_sha:
+                return
+        try:
             await self.reload()
+        except ApreqelError:
+            pass  # refused: the event says why, the old plan set serves on
+        except Exception as exc:  # noqa: BLE001 - a reload must never take the daemon down
+            self.scheduler.emit("planset_rejected", reason=f"internal error: {exc!r}")
 
     def watch(self, loop: asyncio.AbstractEventLoop):
         """A watchdog observer on the plan-set directory (stopped by the caller)."""
@@ -292,17 +243,19 @@ class Daemon:
 
     # ------------------------------------------------------------------ life
 
-    async def run(self) -> None:
-        """Listen, start serving, and stop cleanly on SIGTERM/SIGINT."""
+    async def run(self) -> int:
+        """Listen, start serving, reload on SIGHUP, stop cleanly on SIGTERM/SIGINT; the exit
+        code (EXIT_FAILED when a loop could not be kept running)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._start_reload, True)
         inherited = notify.listen_sockets()
-        sock = inherited[0] if inherited else bind_socket(Path(self.config.socket))
+        sock = inherited[0] if inherited else bind_socket(Path(self.config.socket),
+                                                          backlog=BACKLOG)
         owned = None if inherited else Path(self.config.socket)
         self.access = self.access.for_socket(sock)
-        server = await asyncio.start_unix_server(self.handle, sock=sock,
-                                                 backlog=2 * MAX_CONNECTIONS)
+        server = await asyncio.start_unix_server(self.handle, sock=sock, backlog=BACKLOG)
         observer = None
         pinger = None
         http = None
@@ -333,9 +286,18 @@ class Daemon:
                 interval = notify.watchdog_interval()
                 if interval:
                     pinger = asyncio.create_task(self._ping(interval))
-                await stop
+                failed = asyncio.create_task(self.scheduler.failed.wait())
+                await asyncio.wait({stop, failed}, return_when=asyncio.FIRST_COMPLETED)
+                failed.cancel()
+                if self.scheduler.failed.is_set():
+                    reason = self.scheduler.supervisor.reason
+                    print(f"apreqeld: stopping: {reason}", file=sys.stderr, flush=True)
+                    notify.notify(f"STATUS=failed: {reason}")
+                    self.exit_code = EXIT_FAILED
+            stop.cancel()
         finally:
             notify.notify("STOPPING=1", "STATUS=stopping")
+            loop.remove_signal_handler(signal.SIGHUP)
             server.close()
             if http is not None:
                 http.close_listener()
@@ -343,26 +305,35 @@ class Daemon:
                 observer.stop()
             if pinger is not None:
                 pinger.cancel()
+            if self._reloading is not None:
+                self._reloading.cancel()
             await self.scheduler.shutdown(self.config.grace_s)
             if http is not None:
                 await http.stop()
             if self.metrics is not None:
                 await self.metrics.stop()
-            for writer in list(self._connections):
+            for conn in list(self.connections.open.values()):
                 with contextlib.suppress(ConnectionError, OSError):
-                    await writer.drain()
-                writer.close()
+                    await conn.writer.drain()
+                conn.writer.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 2)
             if owned is not None:
                 with contextlib.suppress(FileNotFoundError):
                     owned.unlink()
+        return self.exit_code
 
     async def _ping(self, interval: float) -> None:
+        """WATCHDOG=1 only while every loop makes progress: a stuck daemon gets restarted."""
         while True:
             s = self.scheduler
-            state = f"swapping to {s.swap['to']}" if s.swap else f"serving {s.serving}"
-            notify.notify("WATCHDOG=1", f"STATUS={state}, queue {s.status()['queue']}")
+            state = f"swapping to {s.swapper.swap['to']}" if s.swapper.swap else \
+                f"serving {s.serving}"
+            if s.healthy():
+                notify.notify("WATCHDOG=1", f"STATUS={state}, queue {s.dispatcher.queued}")
+            else:
+                stuck = ", ".join(s.supervisor.progress.stuck()) or s.supervisor.reason
+                notify.notify(f"STATUS=stuck: {stuck}")
             await asyncio.sleep(interval)
 
 
@@ -373,8 +344,11 @@ def run_daemon(config: DaemonConfig) -> None:
     ShardStore(Path(config.state_dir))  # a state dir others could write is refused here
     monitor = open_source(config.monitor)  # auto: jtop, else procfs (said once)
 
-    async def main() -> None:
+    async def main() -> int:
         scheduler = Scheduler(config, planset, priority, monitor=monitor)
-        await Daemon(config, scheduler).run()
+        return await Daemon(config, scheduler).run()
 
-    asyncio.run(main())
+    code = asyncio.run(main())
+    if code:
+        raise DaemonError("a loop of the daemon failed repeatedly; stopped (see above)",
+                          code=wire.FAILED)

@@ -3,7 +3,8 @@
 Request `[0, id, method, params]`, response `[1, id, error, result]`, notification
 `[2, method, params]`. `params` is an array holding at most one map of named arguments;
 every method's arguments are a pydantic model, so nothing unvalidated goes further.
-An error is the map `{"code": ..., "message": ...}`.
+An error is the map `{"code": ..., "message": ...}`. `FrameReader` cuts the byte stream into
+whole messages and refuses a declared length over the bound as soon as its header arrives.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ WORKER_FAILED = "worker_failed"  # the worker died during the request
 SHUTTING_DOWN = "shutting_down"
 PERMISSION = "permission"  # the peer's role does not allow the method
 FAILED = "failed"
+CANCELLED = "cancelled"  # the request was cancelled before it started
+IDLE = "idle"  # the connection was closed after being idle too long
+MAX_DEPTH = 1024  # nesting of arrays and maps (msgpack's own decoder stops there too)
+MAX_ITEMS = 65_536  # values in one message (a chat of 256 messages needs about 800)
 
 
 class _Params(BaseModel):
@@ -155,10 +160,14 @@ class UnpinParams(_Params):
     wait: bool = False
 
 
+class CancelParams(_Params):
+    id: int = Field(ge=0, le=MAX_ID, description="the id of a request on this connection")
+
+
 METHODS: dict[str, type[_Params]] = {
     "hello": NoParams, "status": NoParams, "plans": NoParams, "generate": GenerateParams,
     "chat": ChatParams, "set_priority": SetPriorityParams, "pin": PinParams,
-    "unpin": UnpinParams, "reload": NoParams, "events": NoParams,
+    "unpin": UnpinParams, "reload": NoParams, "events": NoParams, "cancel": CancelParams,
 }
 
 
@@ -189,6 +198,139 @@ def notification(method: str, params: Any) -> bytes:
 def unpacker() -> msgpack.Unpacker:
     """A streaming decoder whose buffer never grows past the frame bound."""
     return msgpack.Unpacker(raw=False, max_buffer_size=MAX_FRAME, strict_map_key=True)
+
+
+class FrameError(Exception):
+    """The byte stream cannot go on: `code` is TOO_LARGE or INVALID."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+# First byte -> (bytes of length/count after it, fixed payload bytes, kind) for the non-fix
+# types; kind "raw" skips the length's bytes, "ext" one more, "array"/"map" open containers.
+_HEADS: dict[int, tuple[int, int, str]] = {
+    0xC0: (0, 0, "raw"), 0xC2: (0, 0, "raw"), 0xC3: (0, 0, "raw"),
+    0xC4: (1, 0, "raw"), 0xC5: (2, 0, "raw"), 0xC6: (4, 0, "raw"),
+    0xC7: (1, 1, "ext"), 0xC8: (2, 1, "ext"), 0xC9: (4, 1, "ext"),
+    0xCA: (0, 4, "raw"), 0xCB: (0, 8, "raw"),
+    0xCC: (0, 1, "raw"), 0xCD: (0, 2, "raw"), 0xCE: (0, 4, "raw"), 0xCF: (0, 8, "raw"),
+    0xD0: (0, 1, "raw"), 0xD1: (0, 2, "raw"), 0xD2: (0, 4, "raw"), 0xD3: (0, 8, "raw"),
+    0xD4: (0, 2, "raw"), 0xD5: (0, 3, "raw"), 0xD6: (0, 5, "raw"), 0xD7: (0, 9, "raw"),
+    0xD8: (0, 17, "raw"), 0xD9: (1, 0, "raw"), 0xDA: (2, 0, "raw"), 0xDB: (4, 0, "raw"),
+    0xDC: (2, 0, "array"), 0xDD: (4, 0, "array"), 0xDE: (2, 0, "map"), 0xDF: (4, 0, "map"),
+}
+
+
+class FrameReader:
+    """Cuts a MessagePack byte stream into whole frames (bytes), reading only headers.
+
+    A declared length or count over `max_frame`, a frame over it, more than MAX_ITEMS values
+    or nesting past MAX_DEPTH raise FrameError at once; `partial` says a frame has begun.
+    """
+
+    def __init__(self, *, max_frame: int = MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._pos = 0  # where the next header starts in _buf
+        self._skip = 0  # payload bytes of the current value still to come
+        self._open: list[int] = []  # values still expected by each open array/map
+        self._items = 0
+
+    @property
+    def partial(self) -> bool:
+        return bool(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The frames completed by `data` (possibly none)."""
+        self._buf += data
+        if len(self._buf) > self.max_frame:
+            raise FrameError(TOO_LARGE, f"message exceeds the frame bound {self.max_frame}")
+        frames: list[bytes] = []
+        buf = self._buf
+        while True:
+            if self._skip:
+                step = min(self._skip, len(buf) - self._pos)
+                self._pos += step
+                self._skip -= step
+                if self._skip:
+                    break
+                if self._value_done():
+                    frames.append(self._cut())
+                    buf = self._buf
+                continue
+            if self._pos >= len(buf):
+                break
+            head = self._header(buf)
+            if head is None:
+                break
+            size, kind, count = head
+            self._items += 1
+            if self._items > MAX_ITEMS:
+                raise FrameError(TOO_LARGE, f"message holds more than {MAX_ITEMS} values")
+            if kind == "container" and count:
+                if len(self._open) >= MAX_DEPTH:
+                    raise FrameError(INVALID, f"message nested deeper than {MAX_DEPTH}")
+                self._open.append(count)
+                self._pos += size
+                continue
+            self._pos += size
+            self._skip = count if kind == "raw" else 0
+            if not self._skip and self._value_done():
+                frames.append(self._cut())
+                buf = self._buf
+        return frames
+
+    def _header(self, buf: bytearray) -> tuple[int, str, int] | None:
+        """(header bytes, "raw" or "container", payload bytes or values), None: incomplete."""
+        b = buf[self._pos]
+        if b <= 0x7F or b >= 0xE0:
+            return 1, "raw", 0
+        if b <= 0x8F:
+            return 1, "container", 2 * (b & 0x0F)
+        if b <= 0x9F:
+            return 1, "container", b & 0x0F
+        if b <= 0xBF:
+            return self._checked(1, "raw", b & 0x1F)
+        if b not in _HEADS:
+            raise FrameError(INVALID, f"not MessagePack: byte 0x{b:02x} starts no value")
+        width, fixed, kind = _HEADS[b]
+        if len(buf) - self._pos < 1 + width:
+            return None
+        n = int.from_bytes(buf[self._pos + 1:self._pos + 1 + width], "big") if width else 0
+        if kind == "array":
+            return self._checked(1 + width, "container", n)
+        if kind == "map":
+            return self._checked(1 + width, "container", 2 * n)
+        return self._checked(1 + width, "raw", n + fixed)
+
+    def _checked(self, size: int, kind: str, n: int) -> tuple[int, str, int]:
+        if n > self.max_frame:
+            what = "values" if kind == "container" else "bytes"
+            raise FrameError(TOO_LARGE, f"a value declares {n} {what}, over the frame bound "
+                             f"{self.max_frame}")
+        return size, kind, n
+
+    def _value_done(self) -> bool:
+        """One value ended: close the containers it completes; True when a frame ended."""
+        while self._open:
+            self._open[-1] -= 1
+            if self._open[-1]:
+                return False
+            self._open.pop()
+        return True
+
+    def _cut(self) -> bytes:
+        frame = bytes(self._buf[:self._pos])
+        del self._buf[:self._pos]
+        self._pos, self._items = 0, 0
+        return frame
+
+
+def decode(frame: bytes) -> object:
+    """One whole frame -> its value (ValueError and msgpack errors for bad content)."""
+    return msgpack.unpackb(frame, raw=False, strict_map_key=True)
 
 
 class BadMessage(Exception):

@@ -6,13 +6,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from apreqeld.core.qtypes import qtype
@@ -23,6 +26,7 @@ from apreqeld.gguf.view import read_model
 from apreqeld.manifest import PlanSet
 from apreqeld.planset import planset_from_recipes
 from apreqeld.resources import default_model_path
+from apreqeld.runtime import wire
 
 THREADS = 1
 PROTOCOL = Protocol(n_ctx=512, chunks=1, n_gen=4, reps=2, threads=THREADS)
@@ -147,3 +151,90 @@ def ctl(*args: str, socket: Path | None = None, timeout: float = 60,
         cmd += ["--socket", str(socket)]
     return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout,
                           cwd=REPO, env=dict(os.environ) | (env or {}))
+
+
+# --------------------------------------------------------------------------- counting answers
+
+
+class RawClient:
+    """One wire connection that counts, from the client's side, the final responses of every
+    request id it sent (exactly once: `finals[id] == 1`), never trusting the daemon's count."""
+
+    def __init__(self, path: Path, *, timeout: float = 120) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.unpacker = wire.unpacker()
+        self.next_id = 0
+        self.finals: Counter[int] = Counter()
+        self.results: dict[int, tuple[dict | None, object]] = {}  # id -> (error, result)
+        self.tokens: Counter[int] = Counter()
+        self.stray: list[object] = []  # responses to ids never sent
+        self.closed = False
+
+    def send(self, method: str, params: dict | None = None) -> int:
+        self.next_id += 1
+        self.sock.sendall(wire.request(self.next_id, method, params))
+        return self.next_id
+
+    def pump(self, until) -> None:
+        """Read messages until `until()` holds (AssertionError when the daemon closes)."""
+        while not until():
+            for message in self.unpacker:
+                self._note(message)
+                if until():
+                    return
+            data = self.sock.recv(65536)
+            if not data:
+                self.closed = True
+                raise AssertionError("the daemon closed the connection")
+            self.unpacker.feed(data)
+
+    def _note(self, message: object) -> None:
+        if not isinstance(message, list) or not message:
+            return
+        if message[0] == wire.NOTIFICATION and message[1] == "token":
+            self.tokens[message[2][0]["id"]] += 1
+        if message[0] == wire.NOTIFICATION and message[1] == "error":
+            raise AssertionError(f"connection-level error: {message}")
+        if message[0] != wire.RESPONSE:
+            return
+        rid = message[1]
+        if not isinstance(rid, int) or not 1 <= rid <= self.next_id:
+            self.stray.append(message)
+            return
+        self.finals[rid] += 1
+        self.results[rid] = (message[2], message[3])
+
+    def call(self, method: str, params: dict | None = None) -> tuple[dict | None, object]:
+        """(error, result) of one request; notifications in between are counted."""
+        msgid = self.send(method, params)
+        self.pump(lambda: msgid in self.results)
+        return self.results[msgid]
+
+    def unanswered(self) -> list[int]:
+        return [i for i in range(1, self.next_id + 1) if self.finals[i] == 0]
+
+    def duplicated(self) -> int:
+        return sum(n - 1 for n in self.finals.values() if n > 1)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def workers_of(daemon: RunningDaemon) -> list[int]:
+    """The supervisor's worker processes (pids), zombies left out."""
+    try:
+        return [p.pid for p in psutil.Process(daemon.proc.pid).children()
+                if p.status() != psutil.STATUS_ZOMBIE]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def wait_until(condition, timeout: float = 30, what: str = "the condition") -> None:
+    """Poll a state (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout} s")
+        time.sleep(0.01)

@@ -103,7 +103,7 @@ def test_events_follow_swaps(daemon: RunningDaemon, tiny_plans) -> None:
     ids = tiny_plans.by_label
     follower = subprocess.Popen(
         [sys.executable, "-m", "apreqeld.cli.ctl", "--socket", str(daemon.socket), "events",
-         "--json", "--count", "3"], stdout=subprocess.PIPE, text=True, cwd=REPO)
+         "--json", "--count", "5"], stdout=subprocess.PIPE, text=True, cwd=REPO)
     deadline = time.monotonic() + 30
     while json.loads(ok("status", "--json", socket=daemon.socket))["subscribers"] < 1:
         assert time.monotonic() < deadline and follower.poll() is None
@@ -111,9 +111,12 @@ def test_events_follow_swaps(daemon: RunningDaemon, tiny_plans) -> None:
     ok("pin", ids["q8_0"], socket=daemon.socket)
     out, _ = follower.communicate(timeout=30)
     events = [json.loads(line) for line in out.splitlines()]
-    assert [e["kind"] for e in events] == ["pin", "swap_start", "swap_done"]
-    assert (events[2]["from"], events[2]["to"]) == (ids["q4_0"], ids["q8_0"])
-    assert {"reason", "mode", "total_ms", "downtime_ms"} <= set(events[2])
+    # every transition of the swap state machine is an event
+    assert [(e["kind"], e.get("phase")) for e in events] == [
+        ("pin", None), ("swap_start", "preparing"), ("swap_phase", "draining"),
+        ("swap_phase", "switching"), ("swap_done", "serving")]
+    assert (events[4]["from"], events[4]["to"]) == (ids["q4_0"], ids["q8_0"])
+    assert {"reason", "mode", "total_ms", "downtime_ms"} <= set(events[4])
     ok("unpin", socket=daemon.socket)
 
 

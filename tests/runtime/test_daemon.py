@@ -13,8 +13,9 @@ import time
 import psutil
 import pytest
 
-from apreqeld.client import Client
+from apreqeld.client import Client, remote_error
 from apreqeld.errors import DaemonError
+from daemon_support import RawClient, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -68,32 +69,50 @@ def test_concurrent_clients_are_all_served(daemon_factory) -> None:
 
 
 class Load:
-    """Clients sending requests back to back until stopped; every outcome recorded."""
+    """Clients sending requests back to back until stopped, each on its own wire connection
+    that counts the answers per request id (client side: sent vs answered, duplicates)."""
 
     def __init__(self, socket, n: int = 2) -> None:
         self.socket, self.stop_flag = socket, threading.Event()
         self.results: list[dict] = []
-        self.errors: list[Exception] = []
-        self.sent = 0
+        self.errors: list[DaemonError] = []
+        self.raws: list[RawClient] = []
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(n)]
 
     def _run(self, i: int) -> None:
-        with Client(self.socket, timeout=60) as c:
-            while not self.stop_flag.is_set():
-                with self.lock:
-                    self.sent += 1
-                try:
-                    r = c.generate("Once upon a time", max_tokens=4, seed=i)
-                    with self.lock:
-                        self.results.append(r)
-                except DaemonError as exc:
-                    with self.lock:
-                        self.errors.append(exc)
+        raw = RawClient(self.socket, timeout=60)
+        with self.lock:
+            self.raws.append(raw)
+        while not self.stop_flag.is_set():
+            error, result = raw.call("generate", {"prompt": "Once upon a time",
+                                                  "max_tokens": 4, "seed": i})
+            with self.lock:
+                if error is None:
+                    self.results.append(result)
+                else:
+                    self.errors.append(remote_error(error))
+        raw.close()
+
+    @property
+    def sent(self) -> int:
+        return sum(raw.next_id for raw in self.raws)
+
+    def unanswered(self) -> int:
+        return sum(len(raw.unanswered()) for raw in self.raws)
+
+    def duplicated(self) -> int:
+        return sum(raw.duplicated() + len(raw.stray) for raw in self.raws)
+
+    def wait_served_by(self, plan: str, timeout: float = 60) -> None:
+        """Until an answer served by `plan` arrived (after a swap to it)."""
+        wait_until(lambda: any(r["plan"] == plan for r in list(self.results)), timeout,
+                   f"an answer from {plan}")
 
     def __enter__(self) -> Load:
         for t in self.threads:
             t.start()
+        wait_until(lambda: len(self.results) + len(self.errors) >= 1, what="a first answer")
         return self
 
     def __exit__(self, *_exc) -> None:
@@ -141,22 +160,21 @@ def test_swap_under_load_answers_every_request_once(daemon_factory, tiny_plans, 
     with Client(d.socket, timeout=60) as c:
         assert c.status()["plan"] == ids["q4_0"]
         with Load(d.socket) as load:
-            time.sleep(0.3)
-            assert c.pin(ids["q8_0"], wait=True)["plan"] == ids["q8_0"]
-            time.sleep(0.3)
-            assert c.pin(ids["mix"], wait=True)["plan"] == ids["mix"]
-            time.sleep(0.3)
+            for plan in (ids["q8_0"], ids["mix"]):
+                assert c.pin(plan, wait=True)["plan"] == plan
+                load.wait_served_by(plan)
             assert c.unpin(wait=True)["plan"] == ids["q4_0"]
-            time.sleep(0.3)
+            load.wait_served_by(ids["q4_0"])
         status = c.status()
     events.close()
     assert not load.errors, load.errors
+    assert load.unanswered() == 0 and load.duplicated() == 0  # counted by the clients
     assert len(load.results) == load.sent
     counts = status["counts"]
     assert counts["accepted"] == counts["served"] == load.sent
     assert counts["failed"] == 0 and counts["swaps"] == 3
     served_by = {r["plan"] for r in load.results}
-    assert len(served_by) >= 2, served_by
+    assert served_by == set(ids.values()), served_by
     swaps = [e for e in events.events if e["kind"] == "swap_done"]
     assert [(e["from"], e["to"]) for e in swaps] == [
         (ids["q4_0"], ids["q8_0"]), (ids["q8_0"], ids["mix"]), (ids["mix"], ids["q4_0"])]
@@ -236,7 +254,8 @@ def test_a_full_queue_answers_busy_at_once(daemon_factory) -> None:
         pieces = iter(running)
         next(pieces)  # in flight
         waiting = b.generate_stream("Hello", max_tokens=4)  # queued
-        time.sleep(0.2)
+        with Client(d.socket, timeout=60) as watcher:
+            wait_until(lambda: watcher.status()["queue"] == 1, what="the request queued")
         t0 = time.monotonic()
         run = ctl("generate", "Hi", "--max-tokens", "4", socket=d.socket)
         assert run.returncode == 1

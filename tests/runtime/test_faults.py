@@ -20,7 +20,7 @@ from apreqeld.client import Client
 from apreqeld.errors import DaemonError
 from apreqeld.manifest import member_shards
 from apreqeld.store.shards import ShardStore
-from daemon_support import REPO, start_daemon
+from daemon_support import REPO, start_daemon, wait_until
 from test_daemon import Events, Load
 
 pytestmark = pytest.mark.integration
@@ -93,7 +93,8 @@ def test_worker_killed_mid_generation_fails_only_its_request(daemon_factory) -> 
         pieces = iter(a.generate_stream("Tell me a long story.", max_tokens=300, seed=1))
         next(pieces)
         queued = [b.generate_stream("Hello", max_tokens=4), c.generate_stream("Hi", max_tokens=4)]
-        time.sleep(0.2)
+        with Client(d.socket, timeout=60) as watcher:
+            wait_until(lambda: watcher.status()["queue"] == 2, what="both requests queued")
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(DaemonError) as err:
             list(pieces)
@@ -111,12 +112,11 @@ def test_worker_killed_while_loading_in_a_swap(daemon_factory, tiny_plans, mode)
     ids = tiny_plans.by_label
     events = Events(d.socket)
     with Client(d.socket, timeout=60) as c, Load(d.socket) as load:
-        time.sleep(0.3)
         old = set(workers(d))
         c.pin(ids["q8_0"])
         os.kill(wait_new_worker(d, old), signal.SIGKILL)  # mid-load
         failed = events.wait_for("swap_failed")[0]
-        time.sleep(0.5)
+        wait_until(lambda: not c.status()["swapping"], what="the swap given up")
         status = c.status()
         assert status["plan"] == ids["q4_0"] and not status["swapping"]
         # the next swap goes through; the serving worker killed mid-swap is restarted
@@ -128,11 +128,13 @@ def test_worker_killed_while_loading_in_a_swap(daemon_factory, tiny_plans, mode)
             for pid in old:
                 os.kill(pid, signal.SIGKILL)  # the old worker, serving, mid-swap
         events.wait_for("swap_done", timeout=60)
-        time.sleep(0.5)
+        wait_until(lambda: not c.status()["swapping"] and len(c.status()["workers"]) == 1,
+                   what="the old worker gone")
     status_after = Client(d.socket, timeout=30).status()
     events.close()
     assert failed["to"] == ids["q8_0"] and "failed to load" in failed["reason"]
     assert len(load.results) + len(load.errors) == load.sent  # each answered once
+    assert load.unanswered() == 0 and load.duplicated() == 0  # counted by the clients
     assert all(e.code == "worker_failed" for e in load.errors), load.errors
     assert len(load.errors) <= (1 if mode == "make-before-break" else 0), load.errors
     assert status_after["plan"] == ids["mix"] and len(status_after["workers"]) == 1
@@ -256,9 +258,10 @@ def test_a_full_state_dir_refuses_the_member_and_keeps_serving(tiny_plans, tmp_p
             shutil.copy2(src.shard_path(sha), store.shard_path(sha))
         d = start_daemon(tiny_plans, folder, "--priority", "memory", "--state-dir", str(state))
         with Client(d.socket, timeout=120) as c:
-            c.pin(ids["q8_0"], wait=True)
+            with pytest.raises(DaemonError, match="cannot build the shards"):
+                c.pin(ids["q8_0"], wait=True)  # a failed pin is reported and cleared
             status = c.status()
-            assert status["plan"] == ids["q4_0"]
+            assert status["plan"] == ids["q4_0"] and status["pinned"] is None
             assert c.generate("Hi", max_tokens=2)["plan"] == ids["q4_0"]
         failed = [line for line in d.stderr().splitlines() if "swap_failed" in line]
         assert failed and "cannot build the shards" in failed[-1], d.stderr()[-2000:]

@@ -22,6 +22,8 @@ import psutil
 import pytest
 
 from apreqeld.client import Client
+from apreqeld.manifest import member_shards
+from apreqeld.store.shards import ShardStore
 from daemon_support import REPO, start_daemon, wait_serving
 from test_faults import own_state, shard_of
 from test_http import (
@@ -180,9 +182,9 @@ def test_a_full_queue_is_429_with_retry_after(daemon_factory) -> None:
 @pytest.mark.timeout(240)
 def test_503_while_loading_and_when_nothing_can_serve(tiny_plans, tmp_path) -> None:
     """The first member lacks a shard: a child process builds it (seconds) while /health and
-    completions answer 503 loading. Later the shard is gone again, the manifest the builder
-    reads is broken and the worker is killed: its member cannot be assembled, nothing can
-    serve (503 unavailable)."""
+    completions answer 503 loading. Later that shard and one every member needs are gone, the
+    manifest the builder reads is broken and the worker is killed: no member can be
+    assembled, nothing can serve (503 unavailable)."""
     ids = tiny_plans.by_label
     state = own_state(tiny_plans, tmp_path)
     shard = shard_of(state, tiny_plans, "q4_0")  # a q4_0 tensor no other member uses
@@ -207,6 +209,12 @@ def test_503_while_loading_and_when_nothing_can_serve(tiny_plans, tmp_path) -> N
         raw.close()
         shard.chmod(0o644)
         shard.unlink()
+        planset = tiny_plans.planset  # and a shard every member needs: none can be assembled
+        (common,) = sorted(set.intersection(*(set(member_shards(planset, m))
+                                              for m in planset.members)))[:1]
+        everyone = ShardStore(state).shard_path(common)
+        everyone.chmod(0o644)
+        everyone.unlink()
         (d.plans_dir / "planset.json").write_text("{")  # what the builder reads
         (pid,) = worker_pids(d)
         os.kill(pid, signal.SIGKILL)

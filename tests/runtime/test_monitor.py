@@ -72,11 +72,35 @@ def test_cgroup_v2_sample() -> None:
 
 def test_cgroup_files_of_this_machine_parse() -> None:
     proc, mounts = Path("/proc/self/cgroup"), Path("/proc/self/mountinfo")
-    files = cgroup_memory_files(proc.read_text(), mounts.read_text())
-    for limit, usage in files:
-        if limit.exists() and usage.exists():
-            headroom = cgroup_headroom(limit.read_text(), usage.read_text())
-            assert headroom is None or headroom >= 0
+    if not proc.exists():
+        pytest.skip("no /proc/self/cgroup (not Linux)")
+    own, mountinfo = proc.read_text(), mounts.read_text()
+    files = cgroup_memory_files(own, mountinfo)
+    paths, mounted = parse_proc_cgroup(own), parse_cgroup_mounts(mountinfo)
+    # every hierarchy this process is in and that is mounted gives one pair, v2 first
+    expected = [key for key in ("", "memory") if key in paths and key in mounted]
+    assert expected, "no mounted cgroup hierarchy for this process"
+    assert len(files) == len(expected)
+    for key, (limit, usage) in zip(expected, files, strict=True):
+        assert limit.parent == usage.parent and limit.parent.is_dir(), limit
+        assert limit.name == ("memory.max" if key == "" else "memory.limit_in_bytes")
+        root, mountpoint = mounted[key]
+        assert str(limit.parent).startswith(mountpoint)
+        assert str(limit.parent).endswith(paths[key].removeprefix(root).rstrip("/"))
+    found = [(lim, use) for lim, use in files if lim.exists() and use.exists()]
+    if not found:
+        assert ProcfsSource().read().cgroup_headroom_bytes is None
+        return
+    limit, usage = found[0]
+    text = limit.read_text().strip()
+    unlimited = not text.isdigit() or int(text) >= 2**60
+    headroom = cgroup_headroom(text, usage.read_text())
+    assert (headroom is None) == unlimited
+    live = ProcfsSource().read().cgroup_headroom_bytes
+    if unlimited:
+        assert live is None
+    else:  # the usage moves between two reads, not by more than a few MiB
+        assert live is not None and abs(live - headroom) < 64 * 1024**2
 
 
 def test_procfs_source_on_a_recorded_root(tmp_path: Path) -> None:

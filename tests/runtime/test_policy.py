@@ -80,3 +80,25 @@ def test_served_latency_and_power_mode_feed_the_service_level() -> None:
     d = q.decide(state(16, power_mode="low"), MEMBERS, priority_from("accuracy"), current=A,
                  now=0.0)
     assert d.choice == A and not d.switch
+
+
+def test_one_set_of_defaults() -> None:
+    """The Policy's defaults are the daemon's (policy.py once said 512/256 MiB and 30 s)."""
+    from pathlib import Path
+
+    from apreqeld.runtime.config import DaemonConfig
+
+    config, policy = DaemonConfig(plans=Path(".")), Policy()
+    assert (policy.reserve_bytes, policy.slack_bytes, policy.min_dwell_s, policy.margin) == (
+        config.reserve_bytes, config.slack_bytes, config.min_dwell_s, config.swap_margin)
+
+
+def test_a_users_decision_and_the_monitors_see_the_same_budget() -> None:
+    p = Policy(min_dwell_s=30.0, reserve_bytes=0.5 * GIB, margin=0.5)
+    s = state(3.0, psi_memory_some_avg10=12.0)  # budget 6.35 GiB: A (6 GiB) fits
+    user = p.decide(s, MEMBERS, ACCURACY, current=B, now=0.0, user=True)
+    monitor = p.decide(s, MEMBERS, ACCURACY, current=B, now=0.0)
+    assert user.budget_bytes == monitor.budget_bytes == p.budget(s, current_footprint=4 * GIB)
+    # a user's decision needs no margin and no dwell, and starts no dwell
+    assert user.choice == A and user.switch and p.last_switch is None
+    assert monitor.choice == B  # a gain inside the margin of 0.5

@@ -1,11 +1,17 @@
-"""The scheduler's queue and swap logic with fake workers (no llama.cpp): busy, exactly-once
-answers under many swaps in both modes, crashes, failed loads, shutdown, priorities."""
+"""The scheduler's owners with fake workers (no llama.cpp), driven step by step: busy,
+exactly-once answers under many swaps in both modes (counted from the client side: tokens and
+answers per job), crashes, backoff and quarantine, failed loads and pins, spawn errors,
+shutdown with a job waiting for the slot, supervision, the pin under memory pressure.
+
+Nothing here waits on the wall clock for an outcome: `until` waits for a state, gates hold
+fake workers where a test needs them held."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,13 +31,16 @@ from apreqeld.manifest import (
 )
 from apreqeld.runtime.config import DaemonConfig
 from apreqeld.runtime.files import MemberFiles
+from apreqeld.runtime.monitor import State
 from apreqeld.runtime.scheduler import Scheduler
+from apreqeld.runtime.swapper import Phase
 from apreqeld.store.shards import ShardStore
 
 MIB = 1024**2
 PIDS = itertools.count(1000)
 # label -> (footprint MiB, ms/token, kld)
 SPECS = {"small": (100, 3.0, 0.30), "mid": (150, 5.0, 0.10), "big": (200, 7.0, 0.01)}
+FAST = {"backoff_s": 0.001, "backoff_cap_s": 0.004}
 
 
 # The fake members' "shards": one tensor, a type per member, and a metadata split.
@@ -64,6 +73,16 @@ PLANSET = make_planset()
 IDS = {m.label: m.id for m in PLANSET.members}
 
 
+async def until(condition, timeout: float = 10.0) -> None:
+    """Wait for a state (polling the loop), not for a time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError("the condition did not hold in time")
+        await asyncio.sleep(0.001)
+
+
 class FakeProc:
     def __init__(self) -> None:
         self.pid = next(PIDS)
@@ -86,17 +105,27 @@ class FakeWorker:
         self.proc = FakeProc()
         self.pid = self.proc.pid
         self.rss = 0
-        self.stopping = False
+        self.stopping = self.killed = self.reported = False
 
     @property
     def alive(self) -> bool:
         return self.proc.returncode is None
 
-    async def run(self, job) -> dict:
+    async def run(self, job, on_message=lambda: None) -> dict:
+        self.farm.runs.append(self.plan)
+        if self.plan in self.farm.crashing:  # dies on every request
+            await asyncio.sleep(0)
+            self.proc.exit(-11)
+            raise DaemonError("the worker died during the request", code="worker_failed")
         for i in range(self.farm.tokens):
-            await asyncio.sleep(self.farm.token_s)
+            if self.farm.gate is not None:
+                await self.farm.gate.wait()
+            await asyncio.sleep(0)
             if not self.alive:
                 raise DaemonError("worker died", code="worker_failed")
+            if job.cancelled:
+                return {"text": "", "finish": "cancelled", "usage": {"total_ms": 1.0}}
+            on_message()
             job.on_token(f"{i}")
         return {"text": "", "finish": "length",
                 "usage": {"completion_tokens": self.farm.tokens, "plan": self.plan,
@@ -112,17 +141,33 @@ class FakeWorker:
 
 
 class Farm:
-    """Starts fake workers; records how many were alive at once."""
+    """Starts fake workers; records what was started and how many were alive at once."""
 
-    def __init__(self, *, load_s: float = 0.01, token_s: float = 0.001, tokens: int = 3) -> None:
-        self.load_s, self.token_s, self.tokens = load_s, token_s, tokens
+    def __init__(self, *, tokens: int = 3) -> None:
+        self.tokens = tokens
         self.live: set[FakeWorker] = set()
         self.max_live = 0
-        self.failing: set[str] = set()
+        self.failing: set[str] = set()  # loads fail
+        self.oserror: set[str] = set()  # spawning raises OSError
+        self.crashing: set[str] = set()  # every request kills the worker
         self.started: list[str] = []
+        self.attempts: list[str] = []
+        self.runs: list[str] = []
+        self.gate: asyncio.Event | None = None  # holds every token while cleared
+        self.load_gate: asyncio.Event | None = None  # holds every load while cleared
+        self.loading = 0
 
     async def start(self, plan: str, _path: Path, _spawn) -> FakeWorker:
-        await asyncio.sleep(self.load_s)
+        self.attempts.append(plan)
+        self.loading += 1
+        try:
+            if self.load_gate is not None:
+                await self.load_gate.wait()
+            await asyncio.sleep(0)
+        finally:
+            self.loading -= 1
+        if plan in self.oserror:
+            raise OSError(24, "Too many open files")
         if plan in self.failing:
             raise DaemonError(f"cannot load {plan}", code="unavailable")
         worker = FakeWorker(plan, self)
@@ -132,14 +177,34 @@ class Farm:
         return worker
 
 
-def scheduler(tmp_path: Path, farm: Farm, **config) -> Scheduler:
+class FakeSource:
+    """A monitor whose state the test sets."""
+
+    name = "fake"
+
+    def __init__(self, available_mib: float) -> None:
+        self.state = State(t=0.0, source="fake", mem_available_bytes=available_mib * MIB)
+
+    def set(self, available_mib: float) -> None:
+        self.state = replace(self.state, mem_available_bytes=available_mib * MIB)
+
+    def read(self) -> State:
+        return self.state
+
+    def close(self) -> None:
+        pass
+
+
+def scheduler(tmp_path: Path, farm: Farm, *, monitor=None, **config) -> Scheduler:
     state = tmp_path / "state"
     store = ShardStore(state)
     for data in BLOBS.values():
         store.add(data)
-    cfg = DaemonConfig(plans=tmp_path, socket=tmp_path / "s", state_dir=state, **config)
-    return Scheduler(cfg, PLANSET, priority_from(config.get("priority", "memory")),
-                     start_worker=farm.start)
+    priority = config.pop("priority", "memory")
+    cfg = DaemonConfig(plans=tmp_path, socket=tmp_path / "s", state_dir=state,
+                       **(FAST | {"monitor_interval_s": 60} | config))
+    return Scheduler(cfg, PLANSET, priority_from(priority), start_worker=farm.start,
+                     monitor=monitor)
 
 
 def submit(s: Scheduler, tokens: list | None = None):
@@ -147,16 +212,23 @@ def submit(s: Scheduler, tokens: list | None = None):
                                                   else lambda _t: None))
 
 
+def kinds(s: Scheduler) -> list[str]:
+    return [e["kind"] for e in s.events.history]
+
+
 @pytest.mark.timeout(30)
 def test_full_queue_answers_busy_at_once(tmp_path: Path) -> None:
     async def main() -> None:
-        s = scheduler(tmp_path, Farm(token_s=0.05), queue_bound=2)
+        farm = Farm()
+        farm.gate = asyncio.Event()
+        s = scheduler(tmp_path, farm, queue_bound=2)
         await s.start()
         first = submit(s)
-        await asyncio.sleep(0.01)  # the dispatcher takes it: in flight, not queued
+        await until(lambda: s.dispatcher.current is first)  # in flight, not queued
         queued = [submit(s), submit(s)]
         with pytest.raises(BusyError, match="queue is full"):
             submit(s)
+        farm.gate.set()
         results = await asyncio.gather(first.future, *(j.future for j in queued))
         assert [r["plan"] for r in results] == [IDS["small"]] * 3
         assert s.counts["busy"] == 1
@@ -172,20 +244,27 @@ def test_every_request_is_answered_once_across_many_swaps(tmp_path: Path, mode: 
         farm = Farm()
         s = scheduler(tmp_path, farm, swap_mode=mode, queue_bound=1000)
         await s.start()
+        streams: list[list[str]] = []
         answers: list[int] = []
         jobs = []
         for round_ in range(30):
-            batch = [submit(s) for _ in range(5)]
-            jobs += batch
-            s.request_swap(PLANSET.members[round_ % 3].id, reason="test")
-            await asyncio.sleep(0.005)
+            for _ in range(5):
+                n = len(jobs)
+                streams.append([])
+                job = submit(s, streams[-1])
+                job.future.add_done_callback(lambda _f, n=n: answers.append(n))
+                jobs.append(job)
+            target = PLANSET.members[round_ % 3].id
+            s.request_swap(target, reason="test")
+            await until(lambda t=target: s.serving == t)  # with requests queued and running
         await s.settle()
         results = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
-        for job in jobs:
-            answers.append(0 if job.answer({"again": True}) else 1)  # already answered
         assert all(isinstance(r, dict) for r in results), results
-        assert sum(answers) == len(jobs) == s.counts["served"] == s.counts["accepted"]
-        assert s.counts["swaps"] >= 10
+        # from the caller's side: every job answered once, each stream whole and not repeated
+        assert sorted(answers) == list(range(len(jobs)))
+        assert all(stream == ["0", "1", "2"] for stream in streams)
+        assert len(farm.runs) == len(jobs)
+        assert s.counts["swaps"] == 29
         assert farm.max_live <= (2 if mode == "make-before-break" else 1)
         await s.shutdown(1)
         assert not farm.live
@@ -194,24 +273,155 @@ def test_every_request_is_answered_once_across_many_swaps(tmp_path: Path, mode: 
 
 
 @pytest.mark.timeout(30)
-def test_a_crash_fails_the_request_in_flight_once_and_restarts(tmp_path: Path) -> None:
+def test_swaps_walk_the_state_machine_and_say_so(tmp_path: Path) -> None:
     async def main() -> None:
-        farm = Farm(token_s=0.02, tokens=10)
+        for mode in ("make-before-break", "break-before-make"):
+            s = scheduler(tmp_path, Farm(), swap_mode=mode)
+            await s.start()
+            n = len(s.events.history)
+            await s.pin(IDS["big"], wait=True)
+            seen = [(e["kind"], e.get("phase")) for e in list(s.events.history)[n:]
+                    if e["kind"] not in ("pin", "decision")]
+            assert seen == [("swap_start", "preparing"), ("swap_phase", "draining"),
+                            ("swap_phase", "switching"), ("swap_done", "serving")], seen
+            assert s.swapper.phase == Phase.SERVING and s.status()["swap_state"] == "serving"
+            await s.shutdown(1)
+
+    asyncio.run(main())
+
+
+def test_the_state_machine_refuses_other_transitions() -> None:
+    from apreqeld.runtime.swapper import TRANSITIONS, check_transition
+
+    legal = {(a, b) for a, targets in TRANSITIONS.items() for b in targets}
+    for a in Phase:
+        for b in Phase:
+            if (a, b) in legal:
+                assert check_transition(a, b) is b
+            else:
+                with pytest.raises(RuntimeError, match="no transition"):
+                    check_transition(a, b)
+    assert (Phase.SWITCHING, Phase.SERVING) in legal
+    assert (Phase.SWITCHING, Phase.PREPARING) not in legal
+
+
+@pytest.mark.timeout(30)
+def test_break_before_make_prepares_the_file_before_it_takes_the_slot(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = scheduler(tmp_path, Farm(), swap_mode="break-before-make")
+        await s.start()
+        seen = []
+        ensure = s.files.ensure
+
+        async def recording(member):
+            seen.append((member.id, s.dispatcher.slot.locked()))
+            return await ensure(member)
+
+        s.files.ensure = recording
+        await s.pin(IDS["big"], wait=True)
+        assert seen == [(IDS["big"], False)] and s.serving == IDS["big"]
+        await s.shutdown(1)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_request_hooks_tell_background_work_when_a_request_is_served(tmp_path: Path) -> None:
+    async def main() -> None:
+        farm = Farm()
+        farm.gate = asyncio.Event()
         s = scheduler(tmp_path, farm)
         await s.start()
-        events = s.subscribe()
+        calls = []
+
+        class Recorder:
+            def request_started(self) -> None:
+                calls.append("start")
+
+            def request_finished(self) -> None:
+                calls.append("end")
+
+        s.pool.add_listener(Recorder())
+        job = submit(s)
+        await until(lambda: calls == ["start"])
+        assert s.files._serving == 1  # a background build is paused meanwhile
+        farm.gate.set()
+        await job.future
+        assert calls == ["start", "end"] and s.files._serving == 0
+        await s.shutdown(1)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_a_crash_fails_the_request_in_flight_once_and_restarts(tmp_path: Path) -> None:
+    async def main() -> None:
+        farm = Farm()
+        farm.gate = asyncio.Event()
+        s = scheduler(tmp_path, farm)
+        await s.start()
         doomed, waiting = submit(s), submit(s)
-        await asyncio.sleep(0.05)
-        s.active.proc.exit(-9)
+        await until(lambda: s.dispatcher.current is doomed)
+        s.pool.active.proc.exit(-9)
+        farm.gate.set()
         with pytest.raises(DaemonError) as err:
             await doomed.future
         assert err.value.code == "worker_failed"
         assert (await waiting.future)["plan"] == IDS["small"]
         assert s.counts == s.counts | {"failed": 1, "served": 1, "restarts": 1}
-        kinds = []
-        while not events.empty():
-            kinds.append(events.get_nowait()["kind"])
-        assert "worker_restart" in kinds
+        assert "worker_died" in kinds(s) and "worker_restart" in kinds(s)
+        assert s.health.view() == {}  # the restarted worker served: the record is cleared
+        await s.shutdown(1)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_a_crash_looping_member_is_backed_off_then_quarantined(tmp_path: Path) -> None:
+    async def main() -> None:
+        farm = Farm()
+        farm.crashing.add(IDS["small"])
+        s = scheduler(tmp_path, farm, quarantine_after=3)
+        await s.start()
+        outcomes = []
+        for _ in range(6):
+            try:
+                outcomes.append((await submit(s).future)["plan"])
+            except DaemonError as exc:
+                outcomes.append(exc.code)
+        # three requests die with the worker, then the member is quarantined and the next
+        # best plan serves
+        assert outcomes[:3] == ["worker_failed"] * 3
+        assert set(outcomes[3:]) == {IDS["mid"]}
+        assert farm.started.count(IDS["small"]) == 3  # started, restarted twice, never again
+        status = s.status()
+        assert status["quarantined"] == [IDS["small"]]
+        assert status["health"][IDS["small"]]["failures"] == 3
+        assert "quarantined" in kinds(s) and status["plan"] == IDS["mid"]
+        row = next(p for p in status["plans"] if p["id"] == IDS["small"])
+        assert row["fits"] is False and row["why"] == "quarantined"
+        await s.shutdown(1)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_a_failing_member_is_not_retried_at_every_reading(tmp_path: Path) -> None:
+    async def main() -> None:
+        farm = Farm()
+        farm.failing.add(IDS["mid"])
+        source = FakeSource(4096)
+        s = scheduler(tmp_path, farm, monitor=source, priority="accuracy", quarantine_after=3,
+                      reserve_bytes=256 * MIB, slack_bytes=0)
+        await s.start()
+        assert s.serving == IDS["big"]
+        source.set(230)  # budget 174 MiB: big no longer fits, mid (the best left) fails
+        for _ in range(30):
+            s.tick()
+            await s.settle()
+            await asyncio.sleep(0.002)  # past the tiny backoff: only quarantine stops it
+        assert farm.attempts.count(IDS["mid"]) == 3
+        assert s.serving == IDS["small"] and s.status()["quarantined"] == [IDS["mid"]]
         await s.shutdown(1)
 
     asyncio.run(main())
@@ -219,19 +429,99 @@ def test_a_crash_fails_the_request_in_flight_once_and_restarts(tmp_path: Path) -
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("mode", ["make-before-break", "break-before-make"])
-def test_a_failed_load_keeps_serving_the_old_plan(tmp_path: Path, mode: str) -> None:
+def test_a_failed_pin_is_cleared_and_reported(tmp_path: Path, mode: str) -> None:
     async def main() -> None:
         farm = Farm()
         farm.failing.add(IDS["big"])
         s = scheduler(tmp_path, farm, swap_mode=mode)
         await s.start()
-        events = s.subscribe()
-        await s.pin(IDS["big"], wait=True)
-        assert s.serving == IDS["small"] and s.active.alive
+        with pytest.raises(DaemonError, match="pinned plan .* failed: cannot load") as err:
+            await s.pin(IDS["big"], wait=True)
+        assert err.value.code == "unavailable"
+        assert s.serving == IDS["small"] and s.pool.active.alive and s.pinned is None
         assert (await submit(s).future)["plan"] == IDS["small"]
-        kinds = [events.get_nowait()["kind"] for _ in range(events.qsize())]
-        assert "swap_failed" in kinds and "swap_done" not in kinds
+        assert "swap_failed" in kinds(s) and "pin_cleared" in kinds(s)
+        assert "swap_done" not in kinds(s)
+        assert s.status()["pin_error"].startswith(f"pinned plan {IDS['big']} failed")
         await s.shutdown(1)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("mode", ["make-before-break", "break-before-make"])
+def test_an_oserror_from_spawning_fails_the_swap_and_swapping_goes_on(tmp_path: Path,
+                                                                      mode: str) -> None:
+    async def main() -> None:
+        farm = Farm()
+        farm.oserror.add(IDS["big"])
+        s = scheduler(tmp_path, farm, swap_mode=mode)
+        await s.start()
+        s.request_swap(IDS["big"], reason="test")
+        await asyncio.wait_for(s.settle(), 5)  # does not hang
+        failed = [e for e in s.events.history if e["kind"] == "swap_failed"]
+        assert failed and "Too many open files" in failed[-1]["reason"]
+        assert s.serving == IDS["small"]
+        assert {"dispatcher", "swapper"} <= set(s.supervisor.running())
+        await s.pin(IDS["mid"], wait=True)  # the swapper still works
+        assert s.serving == IDS["mid"]
+        await s.shutdown(1)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_a_loop_that_raises_is_restarted_and_one_that_keeps_raising_fails_the_daemon(
+        tmp_path: Path) -> None:
+    async def main() -> None:
+        s = scheduler(tmp_path, Farm())
+        s.supervisor.restart_s = 0.001
+        await s.start()
+        real = s.swapper._swap
+        bugs = [RuntimeError("a bug")]
+
+        async def flaky(*args, **kw):
+            if bugs:
+                raise bugs.pop()
+            return await real(*args, **kw)
+
+        s.swapper._swap = flaky
+        s.request_swap(IDS["big"], reason="test")
+        await until(lambda: s.serving == IDS["big"])
+        await asyncio.wait_for(s.settle(), 5)
+        failed = [e for e in s.events.history if e["kind"] == "task_failed"]
+        assert [(e["task"], e["restart"]) for e in failed] == [("swapper", True)]
+        assert not s.failed.is_set() and s.healthy()
+
+        async def broken(*_a, **_k):
+            raise RuntimeError("always")
+
+        s.swapper._swap = broken
+        s.request_swap(IDS["mid"], reason="test")
+        await asyncio.wait_for(s.failed.wait(), 10)
+        assert "swapper loop failed" in s.supervisor.reason and not s.healthy()
+        await s.shutdown(1)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_shutdown_answers_a_job_waiting_for_the_slot(tmp_path: Path) -> None:
+    async def main() -> None:
+        farm = Farm()
+        s = scheduler(tmp_path, farm, swap_mode="break-before-make")
+        await s.start()
+        farm.load_gate = asyncio.Event()  # the new worker never finishes loading
+        s.request_swap(IDS["big"], reason="test")
+        await until(lambda: s.swapper.phase == Phase.SWITCHING and farm.loading == 1)
+        job = submit(s)
+        await until(lambda: s.dispatcher.current is job)  # off the queue, waiting for the slot
+        assert s.dispatcher.queued == 0 and s.dispatcher.slot.locked()
+        await asyncio.wait_for(s.shutdown(0), 10)
+        assert job.future.done()
+        assert isinstance(job.future.exception(), DaemonError)
+        assert job.future.exception().code == "shutting_down"
+        assert not farm.live
 
     asyncio.run(main())
 
@@ -239,15 +529,16 @@ def test_a_failed_load_keeps_serving_the_old_plan(tmp_path: Path, mode: str) -> 
 @pytest.mark.timeout(30)
 def test_shutdown_lets_work_finish_within_grace_then_errors(tmp_path: Path) -> None:
     async def main() -> None:
-        farm = Farm(token_s=0.05, tokens=4)
+        farm = Farm()
         s = scheduler(tmp_path, farm)
         await s.start()
-        jobs = [submit(s) for _ in range(3)]
-        await asyncio.sleep(0.01)
-        await s.shutdown(0.3)  # about one and a half requests fit
-        outcomes = [j.future.exception() for j in jobs]
-        assert outcomes[0] is None
-        assert isinstance(outcomes[-1], DaemonError) and outcomes[-1].code == "shutting_down"
+        first = submit(s)
+        await first.future
+        farm.gate = asyncio.Event()  # the next request never finishes
+        jobs = [submit(s) for _ in range(2)]
+        await until(lambda: s.dispatcher.current is jobs[0])
+        await s.shutdown(0.05)
+        assert [j.future.exception().code for j in jobs] == ["shutting_down"] * 2
         with pytest.raises(DaemonError, match="shutting down"):
             submit(s)
         assert not farm.live
@@ -280,6 +571,35 @@ def test_priorities_pick_the_expected_plan(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_pin_is_downgraded_when_it_no_longer_fits_and_restored_after(tmp_path: Path) -> None:
+    async def main() -> None:
+        source = FakeSource(4096)
+        s = scheduler(tmp_path, Farm(), monitor=source, priority="memory",
+                      reserve_bytes=256 * MIB, slack_bytes=64 * MIB)
+        await s.start()
+        await s.pin(IDS["big"], wait=True)
+        assert s.serving == IDS["big"]
+        source.set(200)  # budget 200 + 200 - 256 MiB: big no longer fits
+        s.tick()
+        await s.settle()
+        assert s.serving == IDS["small"] and s.pinned == IDS["big"]
+        assert s.status()["pin_held"] is True
+        s.tick()  # still tight: the pin stays suspended, nothing moves
+        await s.settle()
+        assert s.serving == IDS["small"]
+        source.set(4096)
+        s.tick()
+        await s.settle()
+        assert s.serving == IDS["big"] and s.status()["pin_held"] is False
+        order = [k for k in kinds(s) if k in ("pin_suspended", "pin_restored", "swap_done")]
+        assert order == ["swap_done", "pin_suspended", "swap_done", "pin_restored",
+                         "swap_done"], order
+        await s.shutdown(1)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
 def test_missing_shards_are_built_outside_the_slot_first_plan_first(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first plan's shards are built before it loads; the members the policy can choose
@@ -290,7 +610,7 @@ def test_missing_shards_are_built_outside_the_slot_first_plan_first(
 
     async def fake_build(self: MemberFiles, member: Member, *, reason: str,
                          background: bool) -> None:
-        calls.append((member.label, background, holder[0]._slot.locked()))
+        calls.append((member.label, background, holder[0].dispatcher.slot.locked()))
         assert "missing from the store" in reason
         self.store.add(BLOBS[member.label])
 
@@ -305,10 +625,7 @@ def test_missing_shards_are_built_outside_the_slot_first_plan_first(
         await s.start()  # the first plan (big) is built before it is needed
         await s.pin(IDS["small"], wait=True)
         assert s.serving == IDS["small"]
-        for _ in range(100):
-            if len(calls) == 3:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: len(calls) == 3)
         # the first plan first; each member once; what start or a swap waited for was built
         # with the slot free; the background prefetch goes smallest first (the swap to small
         # and the prefetch race for small: either may build it)
@@ -331,10 +648,63 @@ def test_start_falls_back_to_another_plan_when_the_first_cannot_load(tmp_path: P
         s = scheduler(tmp_path, farm, priority="accuracy")
         await s.start()
         assert s.serving == IDS["mid"] and farm.started == [IDS["mid"]]
-        assert [e["kind"] for e in s.history] == ["decision", "load_failed", "load_failed"]
+        assert kinds(s) == ["decision", "load_failed", "load_failed"]
         await s.shutdown(1)
         farm.failing.add(IDS["mid"])
         with pytest.raises(DaemonError, match="cannot load"):
             await scheduler(tmp_path, farm).start()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_reloads_do_not_pile_up_background_tasks(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = scheduler(tmp_path, Farm())
+        await s.start()
+        for _ in range(20):
+            await s.reload(PLANSET, wait=True)
+        assert len(s.supervisor.running()) <= 3  # dispatcher, swapper, at most one prefetch
+        assert set(s.supervisor.running()) <= {"dispatcher", "swapper", "prefetch"}
+        await s.shutdown(1)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_status_counts_one_budget(tmp_path: Path) -> None:
+    async def main() -> None:
+        source = FakeSource(1024)
+        s = scheduler(tmp_path, Farm(), monitor=source, reserve_bytes=256 * MIB)
+        await s.start()
+        status = s.status()
+        priority = await s.set_priority(priority_from("memory"))
+        monitor = s.tick()
+        expected = 1024 * MIB + 100 * MIB - 256 * MIB  # free + the serving one - the reserve
+        assert status["budget_bytes"] == priority["decision"]["budget_bytes"] == \
+            monitor.decision.budget_bytes == expected
+        await s.shutdown(1)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_when_no_member_can_start_waiting_requests_are_answered_at_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        farm = Farm()
+        s = scheduler(tmp_path, farm, quarantine_after=1)
+        await s.start()
+        farm.failing |= set(IDS.values())  # nothing loads any more
+        farm.crashing.add(IDS["small"])
+        with pytest.raises(DaemonError):
+            await submit(s).future  # kills small; every restart then fails
+        waiting = submit(s)
+        with pytest.raises(DaemonError, match="no variant can serve: every member is "
+                                              "quarantined") as err:
+            await asyncio.wait_for(waiting.future, 10)  # not after unavailable_s (180 s)
+        assert err.value.code == "unavailable"
+        assert sorted(s.status()["quarantined"]) == sorted(IDS.values())
+        assert "unavailable" in kinds(s) and s.broken.startswith("every member is quarantined")
+        await s.shutdown(1)
 
     asyncio.run(main())

@@ -14,7 +14,6 @@ The figures are printed (run with `-s`).
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import threading
 import time
@@ -25,6 +24,7 @@ import pytest
 
 from apreqeld.client import Client
 from apreqeld.runtime import wire
+from daemon_support import RawClient
 
 SOAK = os.environ.get("APREQELD_SOAK") == "1"
 SOAK_S = float(os.environ.get("APREQELD_SOAK_S", "600"))
@@ -37,47 +37,6 @@ pytestmark = [
     pytest.mark.skipif(not SOAK, reason="long soak (minutes): set APREQELD_SOAK=1 to run it "
                                         "(APREQELD_SOAK_S seconds, default 600)"),
 ]
-
-
-class RawClient:
-    """One wire connection; counts the final responses of every request id it sent."""
-
-    def __init__(self, path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(120)
-        self.sock.connect(str(path))
-        self.unpacker = wire.unpacker()
-        self.next_id = 0
-        self.finals: Counter[int] = Counter()
-        self.stray: list[object] = []  # responses to ids never sent
-
-    def call(self, method: str, params: dict | None = None) -> tuple[dict | None, object]:
-        """(error, result) of one request; notifications in between are skipped."""
-        self.next_id += 1
-        msgid = self.next_id
-        self.sock.sendall(wire.request(msgid, method, params))
-        while True:
-            for message in self.unpacker:
-                if not isinstance(message, list) or not message:
-                    continue
-                if message[0] == wire.NOTIFICATION and message[1] == "error":
-                    raise AssertionError(f"connection-level error: {message}")
-                if message[0] != wire.RESPONSE:
-                    continue
-                rid = message[1]
-                if not isinstance(rid, int) or not 1 <= rid <= self.next_id:
-                    self.stray.append(message)
-                    continue
-                self.finals[rid] += 1
-                if rid == msgid:
-                    return message[2], message[3]
-            data = self.sock.recv(65536)
-            if not data:
-                raise AssertionError("the daemon closed the connection")
-            self.unpacker.feed(data)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _live(pids: set[int]) -> list[int]:

@@ -32,7 +32,8 @@ def units(tmp_path: Path) -> Path:
 
 def test_service_declares_what_the_daemon_needs() -> None:
     text = (SYSTEMD / "apreqeld.service").read_text()
-    for line in ("Type=notify", "WatchdogSec=", "RuntimeDirectory=apreqeld",
+    for line in ("Type=notify", "WatchdogSec=", "ExecReload=/bin/kill -HUP $MAINPID",
+                 "RuntimeDirectory=apreqeld",
                  "StateDirectory=apreqeld", "User=apreqeld", "Group=apreqeld",
                  "ProtectSystem=strict", "NoNewPrivileges=yes", "SupplementaryGroups=jtop",
                  "--socket /run/apreqeld/apreqeld.sock", "--state-dir /var/lib/apreqeld",

@@ -32,6 +32,12 @@ class StubScheduler:
     def plans(self) -> dict:
         return {"members": []}
 
+    def subscribe(self) -> asyncio.Queue:
+        return asyncio.Queue()
+
+    def unsubscribe(self, _queue: asyncio.Queue) -> None:
+        pass
+
     def submit(self, kind: str, params: dict, on_token) -> Job:
         if self.busy:
             raise BusyError("busy: the request queue is full (1 waiting); try again")

@@ -1,0 +1,287 @@
+"""The adapter: the machine (monitor and recorder), the user's priority and pin, and the one
+decision path (`Policy.decide`) that turns them into the plan to serve.
+
+A pin is honoured while the pinned member fits the budget (with the slack when it is not the
+one serving) and can be started; when it does not, the best plan that fits serves instead
+(`pin_suspended`), and the pin comes back as soon as it fits again (`pin_restored`). A pin
+whose swap fails is cleared (`pin_cleared`). Members that are quarantined or backing off are
+not candidates, except the one serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import psutil
+
+from apreqeld.core.selection import Candidate, Decision, Priority, ServiceLevels, feasibility
+from apreqeld.errors import InputError
+from apreqeld.manifest import Member, PlanSet
+from apreqeld.runtime.backoff import Health
+from apreqeld.runtime.config import DaemonConfig
+from apreqeld.runtime.monitor import Recorder, Source, State, TraceSource
+from apreqeld.runtime.policy import Policy, candidates_of
+from apreqeld.runtime.swapper import swap_mode
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A decision and the plan to serve after the pin is applied."""
+
+    decision: Decision
+    target: str | None
+    reason: str
+    pin_held: bool = False  # a pin is set and does not fit: `target` serves meanwhile
+
+
+def pin_target(pinned: str | None, misfit: str | None, decision: Decision, /) -> Choice:
+    """Pure: the pinned member while it fits (`misfit` None), else the decision's choice."""
+    if pinned is None:
+        return Choice(decision, decision.choice, decision.reason)
+    if misfit is None:
+        return Choice(decision, pinned, f"pinned to {pinned}")
+    return Choice(decision, decision.choice, f"pinned {pinned} does not fit ({misfit}); "
+                  f"{decision.choice} serves until it does", pin_held=True)
+
+
+def _key(decision: Decision) -> tuple:
+    return (decision.choice, decision.switch, decision.feasible,
+            re.sub(r"[0-9.]+", "#", decision.reason))
+
+
+class Adapter:
+    """State, priority, pin, decisions; `tick` is one monitor step."""
+
+    def __init__(self, config: DaemonConfig, planset: PlanSet, priority: Priority, *,
+                 monitor: Source | None, health: Health, emit: Callable[..., dict],
+                 serving: Callable[[], str | None],
+                 shared: Callable[[str], float] = lambda _plan: 0.0) -> None:
+        self.config, self.planset, self.priority = config, planset, priority
+        self.monitor = monitor
+        self.health = health
+        self.policy = Policy(margin=config.swap_margin, min_dwell_s=config.min_dwell_s,
+                             reserve_bytes=config.reserve_bytes, slack_bytes=config.slack_bytes)
+        self.state: State | None = None  # the monitor's last reading
+        self.pinned: str | None = None
+        self.pin_held = False
+        self.pin_error: str | None = None
+        self.last_decision: dict | None = None
+        self.watch = {"source": monitor.name if monitor else None, "started": None,
+                      "ticks": 0, "cpu_s": 0.0, "decisions": 0, "decide_ms_sum": 0.0,
+                      "decide_ms_max": 0.0, "errors": 0}
+        self.decide_ms: deque[float] = deque(maxlen=1000)
+        self._emit, self._serving, self._shared = emit, serving, shared
+        self._recorder: Recorder | None = None
+        self._decision_key: tuple | None = None
+
+    def open(self) -> None:
+        """The recorder (when asked for) and a first reading."""
+        if self.monitor is None:
+            return
+        if self.config.record is not None:
+            try:
+                self._recorder = Recorder(self.config.record)
+            except OSError as exc:
+                raise InputError(f"cannot record to {self.config.record}: "
+                                 f"{exc.strerror}") from None
+        self.state = self.monitor.read()
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+        if self._recorder is not None:
+            self._recorder.close()
+
+    # ------------------------------------------------------------------ the plan set
+
+    def members(self) -> list[Member]:
+        return self.planset.pareto_members or self.planset.members
+
+    def member(self, plan: str | None) -> Member | None:
+        """The member with this exact id in the current plan set (a reload may drop it)."""
+        return next((m for m in self.planset.members if m.id == plan), None)
+
+    def footprint(self, plan: str | None) -> float:
+        """The member's measured footprint (what the policy counts), 0 for none."""
+        member = self.member(plan)
+        return float(member.measured.footprint_bytes) if member else 0.0
+
+    def available(self) -> list[Member]:
+        """Members that may be chosen: not quarantined nor backing off, or serving."""
+        serving = self._serving()
+        return [m for m in self.members() if m.id == serving or self.health.available(m.id)]
+
+    def candidates(self, members: list[Member] | None = None) -> list[Candidate]:
+        """The members as the policy sees them, at the monitor's power mode."""
+        mode = self.reading().power_mode
+        return candidates_of(self.members() if members is None else members,
+                             accuracy=self.planset.accuracy, power_mode=mode)
+
+    # ------------------------------------------------------------------ budget, decisions
+
+    def reading(self) -> State:
+        """The monitor's last State; without a monitor, psutil's memory now."""
+        if self.state is not None:
+            return self.state
+        vm = psutil.virtual_memory()
+        return State(t=0.0, source="psutil", mem_available_bytes=float(vm.available),
+                     mem_total_bytes=float(vm.total))
+
+    def budget_bytes(self) -> float | None:
+        """Memory a variant may use now (the policy's budget; the one path)."""
+        return self.policy.budget(self.reading(),
+                                  current_footprint=self.footprint(self._serving()))
+
+    def latency_scale(self) -> float:
+        serving = self._serving()
+        current = next((c for c in self.candidates() if c.id == serving), None)
+        return self.policy.latency_scale(current)
+
+    def dwell_elapsed(self) -> bool:
+        return self.policy.dwell_elapsed(time.monotonic())
+
+    def mode_of(self, target: str) -> str:
+        """How to swap to `target`: both variants in memory only when the budget holds both
+        (what the serving worker already holds of the target's shards is not counted twice)."""
+        if self.config.swap_mode != "auto":
+            return self.config.swap_mode
+        budget = self.budget_bytes()
+        free = None if budget is None else budget - self.footprint(self._serving())
+        need = self.footprint(target) - self._shared(target)
+        return swap_mode(self.config.swap_mode, need=need, free=free)
+
+    def decide(self, *, source: str, user: bool, event: bool = True) -> Choice:
+        """One decision over the available members, then the pin; a decision event when it
+        changed (always for a user's, unless `event` is False)."""
+        t0 = time.perf_counter()
+        decision = self.policy.decide(self.reading(), self.available(), self.priority,
+                                      current=self._serving(), now=time.monotonic(),
+                                      accuracy=self.planset.accuracy, user=user)
+        choice = pin_target(self.pinned, self._pin_misfit(), decision)
+        ms = (time.perf_counter() - t0) * 1000
+        if not user:
+            self.watch["decisions"] += 1
+            self.watch["decide_ms_sum"] += ms
+            self.watch["decide_ms_max"] = max(self.watch["decide_ms_max"], ms)
+            self.decide_ms.append(ms)
+        self._note_pin(choice)
+        key = _key(decision)
+        if (user and event) or (not user and key != self._decision_key):
+            self._decision_key = key
+            self.last_decision = decision_dict(decision) | {"source": source}
+            held = (" (pinned)" if self.pinned and not choice.pin_held else
+                    " (not adapting)" if not user and not self.config.adapt else "")
+            self._emit("decision", source=source,
+                       **{"from": self._serving(), "to": decision.choice},
+                       reason=decision.reason + (held if decision.switch else ""),
+                       switch=decision.switch, feasible=list(decision.feasible),
+                       budget_bytes=decision.budget_bytes, state=state_dict(self.state),
+                       decide_ms=round(ms, 3))
+        return choice
+
+    def _pin_misfit(self) -> str | None:
+        """Why the pinned member cannot serve now (None: it can)."""
+        if self.pinned is None:
+            return None
+        if self.member(self.pinned) is None:
+            return "not in the plan set"
+        if self.pinned != self._serving() and not self.health.available(self.pinned):
+            return "quarantined" if self.health.quarantined(self.pinned) else "backing off"
+        (c,) = self.candidates([self.member(self.pinned)])
+        budget = self.budget_bytes()
+        if budget is not None and c.id != self._serving():
+            budget -= self.policy.slack_bytes
+        return feasibility(c, ServiceLevels(), budget_bytes=budget, latency_scale=1.0)
+
+    def _note_pin(self, choice: Choice) -> None:
+        if choice.pin_held and not self.pin_held:
+            self._emit("pin_suspended", plan=self.pinned, to=choice.target, reason=choice.reason)
+        elif self.pinned and self.pin_held and not choice.pin_held:
+            self._emit("pin_restored", plan=self.pinned, to=self.pinned,
+                       reason=f"{self.pinned} fits again")
+        self.pin_held = choice.pin_held
+
+    def pin(self, plan: str) -> None:
+        self.pinned, self.pin_held, self.pin_error = plan, False, None
+        self.health.succeeded(plan)  # the user asks for it: one more try
+
+    def unpin(self) -> None:
+        self.pinned, self.pin_held = None, False
+
+    def pin_failed(self, plan: str, reason: str) -> bool:
+        """A swap to `plan` failed: a pin to it is cleared (True) and reported."""
+        if self.pinned != plan:
+            return False
+        self.pin_error = f"pinned plan {plan} failed: {reason}"
+        self.unpin()
+        self._emit("pin_cleared", plan=plan, reason=f"{self.pin_error}; following the "
+                   "priority again")
+        return True
+
+    def restart_plan(self, plan: str | None) -> str | None:
+        """The plan to restart when no worker serves: `plan` unless it is quarantined or gone,
+        else the best plan by the priority among those not quarantined."""
+        if plan is not None and self.member(plan) is not None and \
+                not self.health.quarantined(plan):
+            return plan
+        usable = [m for m in self.members() if not self.health.quarantined(m.id)]
+        if not usable:
+            return None
+        return self.policy.decide(self.reading(), usable, self.priority, current=None,
+                                  now=time.monotonic(), accuracy=self.planset.accuracy,
+                                  user=True).choice
+
+    # ------------------------------------------------------------------ the machine
+
+    async def follow(self, step: Callable[[], object]) -> None:
+        """Call `step` (one reading, one decision, acted on) every monitor interval."""
+        if isinstance(self.monitor, TraceSource):
+            self.monitor.restart()  # the trace starts when serving starts
+        self.watch["started"] = time.time()
+        self._emit("monitor_start", source=self.monitor.name,
+                   interval_s=self.config.monitor_interval_s, adapt=self.config.adapt)
+        while True:
+            step()
+            await asyncio.sleep(self.config.monitor_interval_s)
+
+    def tick(self, swapping: bool = False) -> Choice | None:
+        """One reading, one decision (none while a swap is pending); its CPU time counted."""
+        cpu = time.thread_time()
+        try:
+            footprint = self.footprint(self._serving())
+            if isinstance(self.monitor, TraceSource):
+                self.monitor.loaded_bytes = footprint
+            self.state = self.monitor.read()
+            if self._recorder is not None:
+                self._recorder.write(self.state, model_bytes=footprint)
+            if swapping or self._serving() is None:
+                return None
+            return self.decide(source="monitor", user=False)
+        except Exception as exc:  # noqa: BLE001 - a bad reading must not stop the loop
+            self.watch["errors"] += 1
+            if self.watch["errors"] == 1:
+                self._emit("monitor_error", reason=f"{type(exc).__name__}: {exc}")
+            return None
+        finally:
+            self.watch["ticks"] += 1
+            self.watch["cpu_s"] += time.thread_time() - cpu
+
+
+def state_dict(state: State | None) -> dict | None:
+    """The known fields of a State (None fields are unknown and left out)."""
+    if state is None:
+        return None
+    return {k: (round(v, 4) if isinstance(v, float) else v)
+            for k, v in asdict(state).items() if v is not None}
+
+
+def decision_dict(decision: Decision) -> dict:
+    return {"choice": decision.choice, "switch": decision.switch, "reason": decision.reason,
+            "feasible": list(decision.feasible),
+            "closeness": {k: round(v, 6) for k, v in decision.closeness.items()},
+            "budget_bytes": decision.budget_bytes}
