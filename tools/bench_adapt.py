@@ -4,16 +4,21 @@ Run: .venv/bin/python tools/bench_adapt.py [--quick] [--threads 1] [--svg tools/
 The plan set is plans/smollm2-135m when it is materialized, else three members of the default
 model (uniform q4_0, q8_0 and a q8_0/q4_0 mix, measured with a tiny protocol, cached under
 $APREQEL_HOME/bench-adapt), with a per-power-mode latency column: MAXN as measured, 15W 3x.
-The scenario (written to tools/traces/adapt.jsonl; MemAvailable without the daemon's model):
-  normal -> memory drop (budget holds the mix, not q8_0) -> recovered -> power drop to 15W
-  (3x latency; the service level max latency excludes the slower plans) -> GPU contention
-  (gpu_load 0.95; no effect on a CPU-only serving) -> normal.
+The scenario (written to tools/traces/adapt.jsonl; MemAvailable without the daemon's model),
+replayed with --gpu-layers 99 (the GPU signals count; a CPU-only build ignores the offload):
+  normal -> memory drop (budget holds a smaller plan, not the largest) -> recovered ->
+  thrashing (PSI memory some 40 % with MemAvailable plenty: the serving plan still "fits";
+  the machine needs 10 % of the largest back) -> recovered -> power drop to 15W (3x latency,
+  the measured column) -> GPU busy with another process (60 %: 2.5x) -> a thermal ramp (GPU
+  clock 80, 60, 45 % of its maximum) -> normal. The service level max latency excludes the
+  slower plans in the slow phases.
 Strategies, each on the same trace and load: apreqeld (priority accuracy with the latency
 level), static largest, static smallest, evict-and-reload (static largest; when the budget
 falls below its footprint the worker is killed, as the OOM killer would, and the smallest is
 loaded for good). Reported per strategy: seconds over the memory budget, seconds over the
-latency level, requests failed, tokens served, token-weighted KLD, swaps, decision latency,
-the monitor's CPU; and the procfs monitor's own cost per reading on this machine.
+latency level, requests failed, tokens served, token-weighted KLD, swaps and swaps per
+phase, decision latency, the monitor's CPU; for apreqeld the time from each phase's onset to
+the decision it needs; and the procfs monitor's own cost per reading on this machine.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from apreqeld.client import Client
@@ -97,6 +102,11 @@ class Phase:
     mem_available: float
     power_mode: str = "MAXN"
     gpu_load: float = 0.05
+    others: float | None = None  # GPU load other processes make
+    clock: float | None = None  # GPU clock / its maximum
+    psi: float | None = None  # PSI memory some since the last reading, %
+    slow: float = 1.0  # how much slower than its power-mode column every plan really runs
+    shed: float = 0.0  # share of the largest plan the machine needs back
 
 
 def scenario(planset: PlanSet, scale: float) -> list[Phase]:
@@ -104,10 +114,18 @@ def scenario(planset: PlanSet, scale: float) -> list[Phase]:
     below = max(f for f in fp if f <= fp[-1] - 2 * SLACK - 4 * MIB)
     tight = RESERVE + below + SLACK + 2 * MIB  # holds a smaller plan, not the largest
     assert tight - RESERVE < fp[-1]
-    plan = [("normal", 0, PLENTY, "MAXN", 0.05), ("memory drop", 6, tight, "MAXN", 0.05),
-            ("recovered", 14, PLENTY, "MAXN", 0.05), ("power 15W", 20, PLENTY, "15W", 0.05),
-            ("GPU contention", 28, PLENTY, "MAXN", 0.95), ("normal", 34, PLENTY, "MAXN", 0.05)]
-    return [Phase(n, t * scale, a, p, g) for n, t, a, p, g in plan]
+    P = PLENTY
+    plan = [Phase("normal", 0, P), Phase("memory drop", 6, tight), Phase("recovered", 12, P),
+            Phase("thrashing", 16, P, psi=40.0, shed=0.1), Phase("recovered", 22, P),
+            Phase("power 15W", 34, P, "15W"),
+            Phase("GPU busy", 42, P, gpu_load=0.9, others=0.6, slow=2.5),
+            Phase("thermal 80%", 50, P, clock=0.8, slow=1.25),
+            Phase("thermal 60%", 53, P, clock=0.6, slow=1 / 0.6),
+            Phase("thermal 45%", 56, P, clock=0.45, slow=1 / 0.45), Phase("normal", 60, P)]
+    return [replace(ph, start=ph.start * scale) for ph in plan]
+
+
+SCENARIO_END = 68
 
 
 def serving_members(planset: PlanSet) -> list:
@@ -116,8 +134,12 @@ def serving_members(planset: PlanSet) -> list:
 
 
 def write_trace(phases: list[Phase], end: float, path: Path) -> None:
-    rows = [{"t": p.start, "mem_available_bytes": p.mem_available, "power_mode": p.power_mode,
-             "gpu_load": p.gpu_load} for p in phases]
+    rows = []
+    for p in phases:
+        row = {"t": p.start, "mem_available_bytes": p.mem_available, "power_mode": p.power_mode,
+               "gpu_load": p.gpu_load, "gpu_load_others": p.others or 0.0,
+               "gpu_clock_ratio": p.clock or 1.0, "psi_memory_some_recent": p.psi or 0.0}
+        rows.append(row)
     rows.append(rows[-1] | {"t": end})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -127,9 +149,12 @@ def phase_at(phases: list[Phase], t: float) -> Phase:
     return [p for p in phases if p.start <= t][-1]
 
 
-def budget_at(phases: list[Phase], t: float) -> float:
-    """The budget any plan has at trace time t (the scenario counts no model as used)."""
-    return budget_bytes(mem_available=phase_at(phases, t).mem_available, reserve=RESERVE)
+def budget_at(phases: list[Phase], t: float, largest: float) -> float:
+    """The budget any plan has at trace time t (the scenario counts no model as used); in a
+    thrashing phase, the largest plan less what the machine needs back."""
+    phase = phase_at(phases, t)
+    free = budget_bytes(mem_available=phase.mem_available, reserve=RESERVE)
+    return min(free, largest * (1 - phase.shed)) if phase.shed else free
 
 
 # --------------------------------------------------------------------------- one run
@@ -140,6 +165,7 @@ class Run:
     started: float = 0.0
     first: str = ""
     swaps: list[tuple[float, str]] = field(default_factory=list)  # (trace t, new plan)
+    decisions: list[float] = field(default_factory=list)  # trace t of each switch decided
     results: list[tuple[float, dict]] = field(default_factory=list)
     errors: int = 0
     monitor: dict = field(default_factory=dict)
@@ -163,7 +189,7 @@ def run_strategy(name: str, plans: Path, state: Path, trace: Path, args, planset
            str(sock), "--state-dir", str(state), "--threads", str(args.threads), "--monitor",
            f"trace:{trace}", "--monitor-interval", str(args.interval), "--dwell",
            str(args.dwell), "--reserve", str(RESERVE), "--slack", str(SLACK), "--no-watch",
-           *flags]
+           "--gpu-layers", "99", *flags]
     with log.open("wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
     run = Run(name)
@@ -186,8 +212,10 @@ def run_strategy(name: str, plans: Path, state: Path, trace: Path, args, planset
             smallest = min(serving_members(planset),
                            key=lambda m: m.measured.footprint_bytes).id
             evicted = name != "evict-and-reload"
+            largest = max(footprint(planset, m.id) for m in serving_members(planset))
             while (t := time.time() - run.started) < end:
-                if not evicted and budget_at(phases, t) < footprint(planset, run.plan_at(t)):
+                if not evicted and budget_at(phases, t, largest) < footprint(planset,
+                                                                              run.plan_at(t)):
                     evicted = True  # the kernel's OOM killer, then a reload of the smallest
                     pid = next(w["pid"] for w in c.status()["workers"] if w["alive"])
                     os.kill(pid, signal.SIGKILL)
@@ -211,6 +239,8 @@ def follow(events, run: Run) -> None:
         for e in events:
             if e["kind"] == "swap_done":
                 run.swaps.append((e["time"] - run.started, e["to"]))
+            elif e["kind"] == "decision" and e.get("switch") and e.get("source") == "monitor":
+                run.decisions.append(e["time"] - run.started)
     except (DaemonError, OSError):
         pass
 
@@ -235,13 +265,21 @@ def summarise(run: Run, planset: PlanSet, phases: list[Phase], level_ms: float,
               end: float) -> dict:
     step = 0.05
     grid = [i * step for i in range(int(end / step))]
+    largest = max(footprint(planset, m.id) for m in serving_members(planset))
     over = sum(step for t in grid
-               if footprint(planset, run.plan_at(t)) > budget_at(phases, t))
+               if footprint(planset, run.plan_at(t)) > budget_at(phases, t, largest))
     slow = 0.0
     for t in grid:
-        m = planset.member(run.plan_at(t))
-        ms = m.conditions[phase_at(phases, t).power_mode].median_ms
+        m, phase = planset.member(run.plan_at(t)), phase_at(phases, t)
+        ms = m.conditions[phase.power_mode].median_ms * phase.slow
         slow += step if ms > level_ms else 0.0
+    per_phase = [sum(1 for at, _ in run.swaps if p.start <= at < nxt)
+                 for p, nxt in zip(phases, [p.start for p in phases[1:]] + [end], strict=True)]
+    onset = {}
+    for p in phases[1:]:
+        after = [d - p.start for d in run.decisions if p.start <= d < p.start + 4]
+        if after:
+            onset[f"{p.name} ({p.start:g} s)"] = round(after[0], 2)
     tokens = [(r["usage"]["completion_tokens"], r["plan"]) for _, r in run.results]
     served = sum(n for n, _ in tokens)
     kld = sum(n * planset.member(p).measured.kld for n, p in tokens) / served if served else 0
@@ -249,12 +287,14 @@ def summarise(run: Run, planset: PlanSet, phases: list[Phase], level_ms: float,
     return {"strategy": run.name, "over_budget_s": round(over, 2),
             "over_latency_s": round(slow, 2), "failed": run.errors,
             "requests": len(run.results), "tokens": served, "kld": round(kld, 5),
-            "swaps": len(run.swaps), "decide_ms_p50": mon.get("decide_ms_p50"),
+            "swaps": len(run.swaps), "swaps_per_phase": per_phase,
+            "onset_to_decision_s": onset, "decide_ms_p50": mon.get("decide_ms_p50"),
             "decide_ms_p99": mon.get("decide_ms_p99"), "monitor_cpu_pct": mon.get("cpu_percent")}
 
 
 def procfs_cost(planset: PlanSet, n: int = 200) -> tuple[float, float]:
     """CPU ms of one procfs reading + decision on this machine, and % of a core at 1 s."""
+    from apreqeld.core.latency import Conditions
     from apreqeld.core.selection import priority_from
     from apreqeld.runtime.monitor import ProcfsSource
     from apreqeld.runtime.policy import Policy
@@ -263,8 +303,10 @@ def procfs_cost(planset: PlanSet, n: int = 200) -> tuple[float, float]:
     priority = priority_from("accuracy")
     cpu = time.process_time()
     for i in range(n):
-        policy.decide(source.read(), planset.members, priority,
-                      current=planset.members[0].id, now=float(i))
+        state = source.read()
+        policy.see(state, now=float(i))
+        policy.decide(state, planset.members, priority, current=planset.members[0].id,
+                      now=float(i), conditions=Conditions())
     ms = (time.process_time() - cpu) * 1000 / n
     return ms, ms / 1000 * 100
 
@@ -284,8 +326,9 @@ def figure(runs: list[Run], planset: PlanSet, phases: list[Phase], end: float,
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 2]})
     ts = [i * 0.05 for i in range(int(end / 0.05) + 1)]
-    top.step(ts, [budget_at(phases, t) / MIB for t in ts], where="post", color="black",
-             lw=2, label="budget")
+    largest = max(footprint(planset, m.id) for m in serving_members(planset))
+    top.step(ts, [budget_at(phases, t, largest) / MIB for t in ts], where="post",
+             color="black", lw=2, label="budget")
     styles = ("-", "--", ":", "-.")
     for run, style in zip(runs, styles, strict=False):
         top.step(ts, [footprint(planset, run.plan_at(t)) / MIB for t in ts], where="post",
@@ -351,10 +394,10 @@ def main() -> None:
         base_dir, state = tiny_planset(work, args.threads)
     planset = with_power_modes(load_planset(base_dir), work / "plans-power")
     phases = scenario(planset, scale)
-    end = 40 * scale
+    end = SCENARIO_END * scale
     write_trace(phases, end, args.trace)
     ms = sorted(m.measured.latency.median_ms for m in serving_members(planset))
-    level_ms = SLOW * (ms[0] + ms[1]) / 2  # at 15W only the fastest plan meets it
+    level_ms = SLOW * (ms[0] + ms[1]) / 2  # at 15W (and GPU busy: 2.5x) only the fastest fits
     for m in sorted(serving_members(planset), key=lambda m: m.measured.footprint_bytes):
         print(f"  {m.id}  {m.label:<16} {m.measured.footprint_bytes / MIB:7.1f} MiB  "
               f"{m.measured.latency.median_ms:6.2f} ms/token  KLD {m.measured.kld:.4f}")
@@ -382,6 +425,11 @@ def main() -> None:
           f"{pct:.3f}% of a core at 1 s")
     figure(runs, planset, phases, end, args.svg)
     print(f"figure: {args.svg}")
+    for r in rows:
+        if r["strategy"] == "apreqeld":
+            per = [f"{p.name} {n}" for p, n in zip(phases, r["swaps_per_phase"], strict=True)]
+            print("apreqeld swaps per phase: " + ", ".join(per))
+            print(f"apreqeld onset to decision (s): {r['onset_to_decision_s']}")
     print("json: " + json.dumps(rows))
 
 

@@ -1,4 +1,5 @@
-"""Pure budget and live-latency arithmetic of the policy (DESIGN.md "Policy", steps 2 and 3).
+"""Pure budget arithmetic of the policy (DESIGN.md "Policy", step 2; shedding under real
+pressure is core.pressure, live latency core.latency).
 
 Budget = min(MemAvailable, cgroup headroom) + the current member's footprint - reserve, where
 the free part (the min) shrinks under pressure: progressively as PSI memory "some" avg10 rises
@@ -9,9 +10,7 @@ from `psi_low` to `psi_high` (percent), or, where PSI is unknown, as MemAvailabl
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-
-import numpy as np
+from collections.abc import Mapping
 
 from apreqeld.errors import InputError
 
@@ -19,7 +18,6 @@ PSI_LOW = 10.0  # % of time some task stalled on memory (avg10) where tightening
 PSI_HIGH = 50.0  # ... and where the free memory counts as nothing
 WATERMARK_HIGH = 0.15  # MemAvailable / MemTotal where tightening starts (no PSI)
 WATERMARK_LOW = 0.05  # ... and where the free memory counts as nothing
-SCALE_RANGE = (0.25, 20.0)  # a live latency scale outside this is a measurement fault
 
 
 def pressure_factor(
@@ -71,24 +69,6 @@ def budget_bytes(
         watermark_low=watermark_low, watermark_high=watermark_high,
     )
     return free * factor + current_footprint - reserve
-
-
-def latency_scale(
-    served_ms: Sequence[float],
-    measured_ms: float,
-    /,
-    *,
-    min_samples: int = 3,
-    clamp: tuple[float, float] = SCALE_RANGE,
-) -> float:
-    """Median served ms/token of the loaded member over its measured ms/token; 1.0 if unsure."""
-    if not math.isfinite(measured_ms) or measured_ms <= 0:
-        raise InputError(f"measured latency must be positive, got {measured_ms}")
-    samples = [s for s in served_ms if math.isfinite(s) and s > 0]
-    if len(samples) < min_samples:
-        return 1.0
-    ratio = float(np.median(samples)) / measured_ms
-    return min(max(ratio, clamp[0]), clamp[1])
 
 
 def condition_latency(

@@ -1,5 +1,12 @@
-"""The adapter: the machine (monitor and recorder), the user's priority and pin, and the one
-decision path (`Policy.decide`) that turns them into the plan to serve.
+"""The adapter: the machine (monitor, PSI triggers and recorder), the user's priority and pin,
+and the one decision path (`Policy.decide`) that turns them into the plan to serve.
+
+The monitor is read every interval, and at once when a PSI trigger fires (runtime.psi): under
+real memory pressure the budget falls below the serving member (core.pressure) and a smaller
+one serves within one reading. Live latency comes from the machine's state (GPU clock and the
+GPU's use by other processes, CPU frequency and steal; a measured power-mode column where there
+is one) times a correction from the tokens served, kept across swaps (core.latency). A signal
+this machine does not give is said once (`signals_unavailable`) and in status.
 
 A pin is honoured while the pinned member fits the budget (with the slack when it is not the
 one serving) and can be started; when it does not, the best plan that fits serves instead
@@ -11,6 +18,7 @@ not candidates, except the one serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections import deque
@@ -19,13 +27,23 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
+from apreqeld.core import pressure
+from apreqeld.core.latency import Conditions, slowdown
 from apreqeld.core.selection import Candidate, Decision, Priority, ServiceLevels, feasibility
 from apreqeld.errors import InputError
 from apreqeld.manifest import Member, PlanSet
 from apreqeld.runtime.backoff import Health
 from apreqeld.runtime.config import DaemonConfig
-from apreqeld.runtime.monitor import Recorder, Source, State, TraceSource
+from apreqeld.runtime.monitor import (
+    JtopSource,
+    ProcfsSource,
+    Recorder,
+    Source,
+    State,
+    TraceSource,
+)
 from apreqeld.runtime.policy import Policy, candidates_of
+from apreqeld.runtime.psi import PressureWatch
 from apreqeld.runtime.swapper import swap_mode
 
 
@@ -60,7 +78,8 @@ class Adapter:
     def __init__(self, config: DaemonConfig, planset: PlanSet, priority: Priority, *,
                  monitor: Source | None, health: Health, emit: Callable[..., dict],
                  serving: Callable[[], str | None],
-                 shared: Callable[[str], float] = lambda _plan: 0.0) -> None:
+                 shared: Callable[[str], float] = lambda _plan: 0.0,
+                 busy: Callable[[], bool] = lambda: False, offload: bool = False) -> None:
         self.config, self.planset, self.priority = config, planset, priority
         self.monitor = monitor
         self.health = health
@@ -76,8 +95,14 @@ class Adapter:
                       "decide_ms_max": 0.0, "errors": 0}
         self.decide_ms: deque[float] = deque(maxlen=1000)
         self._emit, self._serving, self._shared = emit, serving, shared
+        self._busy, self.offload = busy, offload
         self._recorder: Recorder | None = None
         self._decision_key: tuple | None = None
+        self.watch_psi: PressureWatch | None = None
+        self._triggered = False
+        self._kick: asyncio.Event | None = None
+        self.gpu_others: float | None = None  # GPU load seen while this daemon was idle
+        self.reaction: dict | None = None  # the last shed: onset to decision
 
     def open(self) -> None:
         """The recorder (when asked for) and a first reading."""
@@ -90,12 +115,33 @@ class Adapter:
                 raise InputError(f"cannot record to {self.config.record}: "
                                  f"{exc.strerror}") from None
         self.state = self.monitor.read()
+        self.policy.see(self.state, now=time.monotonic())
 
     def close(self) -> None:
+        if self.watch_psi is not None:
+            self.watch_psi.close()
         if self.monitor is not None:
             self.monitor.close()
         if self._recorder is not None:
             self._recorder.close()
+
+    def _watch_pressure(self) -> None:
+        """PSI triggers on the system's and the daemon cgroup's memory pressure (live sources
+        only), each one waking the monitor loop at once."""
+        procfs = self.monitor.procfs if isinstance(self.monitor, JtopSource) else self.monitor
+        if not isinstance(procfs, ProcfsSource):
+            return
+        cgroup = procfs.cgroup
+        loop = asyncio.get_running_loop()
+        files = ["/proc/pressure/memory"] + ([str(cgroup / "memory.pressure")] if cgroup else [])
+        self.watch_psi = PressureWatch(
+            files, share=pressure.SHED_SOME_PCT / 100,
+            on_event=lambda path: loop.call_soon_threadsafe(self._triggered_by, path))
+
+    def _triggered_by(self, _path: str) -> None:
+        self._triggered = True
+        if self._kick is not None:
+            self._kick.set()
 
     # ------------------------------------------------------------------ the plan set
 
@@ -134,13 +180,28 @@ class Adapter:
 
     def budget_bytes(self) -> float | None:
         """Memory a variant may use now (the policy's budget; the one path)."""
-        return self.policy.budget(self.reading(),
-                                  current_footprint=self.footprint(self._serving()))
+        return self.policy.budget(self.reading(), current_footprint=self.footprint(
+            self._serving()), now=time.monotonic())
+
+    def conditions(self) -> Conditions:
+        """What the latency model reads of the machine now."""
+        state = self.reading()
+        mode = state.power_mode
+        return Conditions(
+            offload=self.offload, gpu_clock_ratio=state.gpu_clock_ratio,
+            gpu_others=self.gpu_others, cpu_freq_ratio=state.cpu_freq_ratio,
+            cpu_steal=state.cpu_steal,
+            mode_column=mode is not None and any(mode in m.conditions for m in self.members()))
 
     def latency_scale(self) -> float:
-        serving = self._serving()
-        current = next((c for c in self.candidates() if c.id == serving), None)
-        return self.policy.latency_scale(current)
+        return self.policy.latency_scale(self.conditions())
+
+    def observe(self, plan: str, ms_per_token: float) -> None:
+        """A served ms/token of `plan`, for the latency correction (any member's)."""
+        member = self.member(plan)
+        if member is not None:
+            (c,) = self.candidates([member])
+            self.policy.observe(ms_per_token, c.latency_ms, slowdown(self.conditions()))
 
     def dwell_elapsed(self) -> bool:
         return self.policy.dwell_elapsed(time.monotonic())
@@ -161,6 +222,7 @@ class Adapter:
         t0 = time.perf_counter()
         decision = self.policy.decide(self.reading(), self.available(), self.priority,
                                       current=self._serving(), now=time.monotonic(),
+                                      conditions=self.conditions(),
                                       accuracy=self.planset.accuracy, user=user)
         choice = pin_target(self.pinned, self._pin_misfit(), decision)
         ms = (time.perf_counter() - t0) * 1000
@@ -233,21 +295,51 @@ class Adapter:
         if not usable:
             return None
         return self.policy.decide(self.reading(), usable, self.priority, current=None,
-                                  now=time.monotonic(), accuracy=self.planset.accuracy,
-                                  user=True).choice
+                                  now=time.monotonic(), conditions=self.conditions(),
+                                  accuracy=self.planset.accuracy, user=True).choice
 
     # ------------------------------------------------------------------ the machine
 
     async def follow(self, step: Callable[[], object]) -> None:
-        """Call `step` (one reading, one decision, acted on) every monitor interval."""
+        """Call `step` (one reading, one decision, acted on) every monitor interval, and at
+        once when a PSI trigger fires."""
         if isinstance(self.monitor, TraceSource):
             self.monitor.restart()  # the trace starts when serving starts
         self.watch["started"] = time.time()
+        self._kick = asyncio.Event()
+        if self.watch_psi is None:
+            self._watch_pressure()
         self._emit("monitor_start", source=self.monitor.name,
-                   interval_s=self.config.monitor_interval_s, adapt=self.config.adapt)
+                   interval_s=self.config.monitor_interval_s, adapt=self.config.adapt,
+                   psi_triggers=self.watch_psi.status() if self.watch_psi else None)
+        self._say_unavailable()
         while True:
             step()
-            await asyncio.sleep(self.config.monitor_interval_s)
+            self._kick.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.config.monitor_interval_s)
+
+    def unavailable(self) -> list[str]:
+        """The signals this machine does not give (None in its readings)."""
+        state = self.reading()
+        wanted = {"psi": state.psi_memory_some_avg10, "psi totals": state.psi_memory_some_recent,
+                  "cgroup memory limit": state.cgroup_headroom_bytes,
+                  "cgroup memory.pressure": state.cgroup_psi_some_recent,
+                  "cgroup memory.events": state.cgroup_high_events,
+                  "swap-in rate": state.swapin_per_s, "cpu frequency": state.cpu_freq_ratio,
+                  "cpu steal": state.cpu_steal, "gpu load": state.gpu_load,
+                  "gpu clock": state.gpu_clock_ratio, "power mode": state.power_mode,
+                  "temperature": state.temperature_c}
+        missing = [k for k, v in wanted.items() if v is None]
+        if self.watch_psi is not None and not self.watch_psi.active:
+            missing.append("psi triggers")
+        return missing
+
+    def _say_unavailable(self) -> None:
+        missing = self.unavailable()
+        if missing:
+            self._emit("signals_unavailable", signals=missing,
+                       reason="this machine does not give " + ", ".join(missing))
 
     def tick(self, swapping: bool = False) -> Choice | None:
         """One reading, one decision (none while a swap is pending); its CPU time counted."""
@@ -257,11 +349,32 @@ class Adapter:
             if isinstance(self.monitor, TraceSource):
                 self.monitor.loaded_bytes = footprint
             self.state = self.monitor.read()
+            triggered, self._triggered = self._triggered, False
+            now = time.monotonic()
+            was = self.policy.shedding.active(now=now)
+            verdict = self.policy.see(self.state, now=now, triggered=triggered)
+            if verdict.pressure and not was:
+                self._emit("pressure", reason=verdict.reason, trigger=triggered,
+                           state=state_dict(self.state))
+                self.reaction = {"seen": now, "at": time.time(), "trigger": triggered,
+                                 "reason": verdict.reason}
+            elif was and not self.policy.shedding.active(now=now):
+                self._emit("pressure_cleared", reason="no memory pressure for "
+                           f"{pressure.CLEAR_S:g} s: members may grow again")
+            if self.state.gpu_load_others is not None:
+                self.gpu_others = self.state.gpu_load_others
+            elif not self._busy():  # idle: what keeps the GPU busy is someone else
+                self.gpu_others = self.state.gpu_load
             if self._recorder is not None:
                 self._recorder.write(self.state, model_bytes=footprint)
             if swapping or self._serving() is None:
                 return None
-            return self.decide(source="monitor", user=False)
+            choice = self.decide(source="monitor", user=False)
+            if self.reaction is not None and "decide_ms" not in self.reaction and \
+                    choice.decision.switch and verdict.pressure:
+                self.reaction["decide_ms"] = round((time.monotonic() - self.reaction["seen"])
+                                                   * 1000, 1)
+            return choice
         except Exception as exc:  # noqa: BLE001 - a bad reading must not stop the loop
             self.watch["errors"] += 1
             if self.watch["errors"] == 1:

@@ -39,8 +39,18 @@ class State:
     cgroup_headroom_bytes: float | None = None
     psi_memory_some_avg10: float | None = None
     psi_memory_full_avg10: float | None = None
+    # stall share since the previous reading, from PSI's totals (faster than avg10)
+    psi_memory_some_recent: float | None = None
+    psi_memory_full_recent: float | None = None
+    cgroup_psi_some_recent: float | None = None  # the daemon's own cgroup (v2)
+    cgroup_psi_full_recent: float | None = None
+    cgroup_high_events: float | None = None  # memory.high reached since the previous reading
+    swapin_per_s: float | None = None  # pages swapped in a second (/proc/vmstat pswpin)
+    cpu_steal: float | None = None  # share of CPU time the hypervisor took, since then
     power_mode: str | None = None
     gpu_load: float | None = None
+    gpu_load_others: float | None = None  # the part of gpu_load other processes make
+    gpu_clock_ratio: float | None = None  # current / max GPU clock
     cpu_freq_ratio: float | None = None
     temperature_c: float | None = None
     on_battery: bool | None = None
@@ -81,6 +91,66 @@ def parse_psi(text: str, /) -> tuple[float | None, float | None]:
     return found.get("some"), found.get("full")
 
 
+def parse_psi_totals(text: str, /) -> tuple[int | None, int | None]:
+    """A pressure file -> (some total, full total): microseconds stalled since boot."""
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        kind, *pairs = line.split()
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            if key == "total" and value.isdigit():
+                found[kind] = int(value)
+    return found.get("some"), found.get("full")
+
+
+def parse_counters(text: str, /) -> dict[str, int]:
+    """`name value` lines (/proc/vmstat, memory.events) -> {name: value}."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def parse_cpu_times(text: str, /) -> tuple[int, int] | None:
+    """/proc/stat's `cpu` line -> (all ticks, steal ticks)."""
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0] == "cpu" and len(parts) > 8:
+            ticks = [int(x) for x in parts[1:9]]  # user .. steal (guest is inside user)
+            return sum(ticks), ticks[7]
+    return None
+
+
+class Rates:
+    """Rates and shares of counters between two readings (the first reading gives None)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, float]] = {}
+
+    def per_s(self, key: str, value: float | None, now: float) -> float | None:
+        """Increase of `value` a second since the last call with `key`."""
+        return self._delta(key, value, now, lambda dv, dt: dv / dt)
+
+    def increase(self, key: str, value: float | None, now: float) -> float | None:
+        """How much `value` rose since the last call with `key`."""
+        return self._delta(key, value, now, lambda dv, _dt: dv)
+
+    def share(self, key: str, value: float | None, now: float, *, unit: float) -> float | None:
+        """Increase of `value` (in `unit`s a second) as a share of the time elapsed."""
+        return self._delta(key, value, now, lambda dv, dt: min(max(dv / unit / dt, 0.0), 1.0))
+
+    def _delta(self, key: str, value: float | None, now: float, f) -> float | None:
+        if value is None:
+            return None
+        last = self._last.get(key)
+        self._last[key] = (now, value)
+        if last is None or now <= last[0] or value < last[1]:
+            return None
+        return f(value - last[1], now - last[0])
+
+
 def parse_proc_cgroup(text: str, /) -> dict[str, str]:
     """/proc/self/cgroup -> {"": v2 path, "memory": v1 memory path, ...}."""
     out: dict[str, str] = {}
@@ -114,6 +184,13 @@ def cgroup_headroom(limit_text: str, current_text: str, /) -> float | None:
     if not limit.isdigit() or int(limit) >= _V1_UNLIMITED:
         return None
     return float(max(int(limit) - int(current_text.strip()), 0))
+
+
+def cgroup_v2_folder(proc_cgroup: str, mountinfo: str, /) -> Path | None:
+    """This process's cgroup v2 folder (memory.pressure, memory.events live there), or None."""
+    found = [limit.parent for limit, _ in cgroup_memory_files(proc_cgroup, mountinfo)
+             if limit.name == "memory.max"]
+    return found[0] if found else None
 
 
 def cgroup_memory_files(proc_cgroup: str, mountinfo: str, /) -> list[tuple[Path, Path]]:
@@ -164,9 +241,15 @@ class ProcfsSource:
         ]
         self._zones = sorted((self._root / "sys/class/thermal").glob("thermal_zone*/temp"))
         self._nvml = _nvml_handle()
+        folder = cgroup_v2_folder(_read(proc / "self" / "cgroup") or "",
+                                  _read(proc / "self" / "mountinfo") or "")
+        self.cgroup = None if folder is None else self._root / str(folder).lstrip("/")
+        self._vmstat, self._stat = proc / "vmstat", proc / "stat"
+        self._rates = Rates()
 
     def read(self) -> State:
         """Sample every signal once (a few small file reads)."""
+        now = self._clock()
         mem = parse_meminfo(_read(self._meminfo) or "")
         psi_text = _read(self._psi)
         some, full = parse_psi(psi_text) if psi_text else (None, None)
@@ -174,8 +257,15 @@ class ProcfsSource:
         if "SwapTotal" in mem and "SwapFree" in mem:
             swap = float(mem["SwapTotal"] - mem["SwapFree"])
         profile = _read(self._profile)
+        recent = self._psi_recent("system", psi_text, now)
+        cgroup = self._psi_recent("cgroup", self._cgroup_file("memory.pressure"), now)
+        events = parse_counters(self._cgroup_file("memory.events") or "")
+        vmstat = parse_counters(_read(self._vmstat) or "")
+        cpu = parse_cpu_times(_read(self._stat) or "")
+        ticks = self._rates.per_s("cpu ticks", cpu[0] if cpu else None, now)
+        steal = self._rates.per_s("steal ticks", cpu[1] if cpu else None, now)
         return State(
-            t=self._clock() - self._start,
+            t=now - self._start,
             source=self.name,
             mem_available_bytes=_float(mem.get("MemAvailable")),
             mem_total_bytes=_float(mem.get("MemTotal")),
@@ -183,12 +273,30 @@ class ProcfsSource:
             cgroup_headroom_bytes=self._headroom(),
             psi_memory_some_avg10=some,
             psi_memory_full_avg10=full,
+            psi_memory_some_recent=recent[0],
+            psi_memory_full_recent=recent[1],
+            cgroup_psi_some_recent=cgroup[0],
+            cgroup_psi_full_recent=cgroup[1],
+            cgroup_high_events=self._rates.increase("high", _float(events.get("high")), now),
+            swapin_per_s=self._rates.per_s("pswpin", _float(vmstat.get("pswpin")), now),
+            cpu_steal=None if not ticks or steal is None else min(max(steal / ticks, 0.0), 1.0),
             power_mode=profile.strip() if profile else None,
             gpu_load=_nvml_load(self._nvml),
+            gpu_clock_ratio=_nvml_clock_ratio(self._nvml),
             cpu_freq_ratio=_cpu_freq_ratio(),
             temperature_c=self._temperature(),
             on_battery=_on_battery(),
         )
+
+    def _psi_recent(self, key: str, text: str | None, now: float
+                    ) -> tuple[float | None, float | None]:
+        """Percent of the time since the last reading some/all tasks stalled on memory."""
+        some, full = parse_psi_totals(text) if text else (None, None)
+        return (_pct(self._rates.share(f"{key} some", _float(some), now, unit=1e6)),
+                _pct(self._rates.share(f"{key} full", _float(full), now, unit=1e6)))
+
+    def _cgroup_file(self, name: str) -> str | None:
+        return None if self.cgroup is None else _read(self.cgroup / name)
 
     def close(self) -> None:
         """Nothing to release."""
@@ -212,6 +320,10 @@ class ProcfsSource:
 
 def _float(value: float | None) -> float | None:
     return None if value is None else float(value)
+
+
+def _pct(share: float | None) -> float | None:
+    return None if share is None else round(100 * share, 3)
 
 
 def _cpu_freq_ratio() -> float | None:
@@ -247,6 +359,20 @@ def _nvml_handle() -> Any:
         return None
 
 
+def _nvml_clock_ratio(handle: Any) -> float | None:
+    """The GPU's graphics clock over its maximum (a power cap or heat lowers it)."""
+    if handle is None:
+        return None
+    try:
+        import pynvml  # type: ignore[import-not-found]
+
+        now = pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_GRAPHICS)
+        top = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_GRAPHICS)
+        return min(max(now / top, 0.0), 1.0) if top else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def _nvml_load(handle: Any) -> float | None:
     if handle is None:
         return None
@@ -278,6 +404,9 @@ def state_from_jtop(
         available = float(ram["free"] + ram.get("buffers", 0) + ram.get("cached", 0)) * _KIB
     loads = [g["status"]["load"] for g in gpu.values()
              if isinstance(g, Mapping) and "load" in (g.get("status") or {})]
+    clocks = [g["freq"]["cur"] / g["freq"]["max"] for g in gpu.values()
+              if isinstance(g, Mapping) and isinstance(g.get("freq"), Mapping)
+              and g["freq"].get("max") and "cur" in g["freq"]]
     temps = [float(v) for k, v in stats.items()
              if k.startswith("Temp ") and isinstance(v, int | float) and -40 < v < 200]
     power = stats.get("Power TOT")
@@ -289,6 +418,7 @@ def state_from_jtop(
         swap_used_bytes=float(swap["used"]) * _KIB if "used" in swap else None,
         power_mode=_nvpmodel_name(nvpmodel, stats),
         gpu_load=min(max(max(loads) / 100, 0.0), 1.0) if loads else None,
+        gpu_clock_ratio=min(max(min(clocks), 0.0), 1.0) if clocks else None,
         temperature_c=max(temps) if temps else None,
         power_w=float(power) / 1000 if isinstance(power, int | float) else None,
     )
@@ -313,11 +443,11 @@ class JtopSource:
 
         self._jetson = jtop(interval=interval)
         self._jetson.start()  # JtopException when the jtop service does not answer
-        self._procfs = ProcfsSource(clock=clock)
+        self.procfs = ProcfsSource(clock=clock)
 
     def read(self) -> State:
         """Overlay jtop's readings on procfs's (MemAvailable, PSI, cgroup come from procfs)."""
-        base = self._procfs.read()
+        base = self.procfs.read()
         j = self._jetson
         mapped = state_from_jtop(j.stats, j.memory, j.nvpmodel, j.gpu, t=base.t)
         return replace(
@@ -326,6 +456,7 @@ class JtopSource:
             mem_available_bytes=base.mem_available_bytes or mapped.mem_available_bytes,
             power_mode=mapped.power_mode or base.power_mode,
             gpu_load=mapped.gpu_load,
+            gpu_clock_ratio=mapped.gpu_clock_ratio,
             temperature_c=mapped.temperature_c or base.temperature_c,
             power_w=mapped.power_w,
         )
@@ -349,8 +480,17 @@ class TraceRecord(BaseModel):
     cgroup_headroom_bytes: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     psi_memory_some_avg10: float | None = Field(default=None, ge=0, le=100)
     psi_memory_full_avg10: float | None = Field(default=None, ge=0, le=100)
+    psi_memory_some_recent: float | None = Field(default=None, ge=0, le=100)
+    psi_memory_full_recent: float | None = Field(default=None, ge=0, le=100)
+    cgroup_psi_some_recent: float | None = Field(default=None, ge=0, le=100)
+    cgroup_psi_full_recent: float | None = Field(default=None, ge=0, le=100)
+    cgroup_high_events: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    swapin_per_s: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    cpu_steal: float | None = Field(default=None, ge=0, le=1)
     power_mode: str | None = None
     gpu_load: float | None = Field(default=None, ge=0, le=1)
+    gpu_load_others: float | None = Field(default=None, ge=0, le=1)
+    gpu_clock_ratio: float | None = Field(default=None, ge=0, le=1)
     cpu_freq_ratio: float | None = Field(default=None, ge=0, le=1)
     temperature_c: float | None = Field(default=None, allow_inf_nan=False)
     on_battery: bool | None = None

@@ -69,7 +69,9 @@ class Scheduler:
         self.pool.add_listener(self.files)
         self.adapter = Adapter(config, planset, priority, monitor=monitor, health=self.health,
                                emit=self.emit, serving=lambda: self.pool.serving,
-                               shared=self.shared_bytes)
+                               shared=self.shared_bytes,
+                               busy=lambda: self.dispatcher.current is not None,
+                               offload=spawn.gpu_layers > 0)
         self.dispatcher = Dispatcher(
             self.pool, bound=config.queue_bound, counts=self.counts,
             progress=self.supervisor.progress, need_worker=lambda: self.swapper.repair(),
@@ -220,7 +222,7 @@ class Scheduler:
         the machine, and this machine's real speed would cancel its power modes)."""
         if ms_per_token and self.monitor is not None and not isinstance(self.monitor,
                                                                          TraceSource):
-            self.adapter.policy.observe(plan, float(ms_per_token))
+            self.adapter.observe(plan, float(ms_per_token))
 
     # ------------------------------------------------------------------ control
 

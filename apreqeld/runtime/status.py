@@ -7,6 +7,7 @@ from collections import deque
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
+from apreqeld.core.latency import slowdown
 from apreqeld.core.selection import Priority, closeness, feasibility
 from apreqeld.runtime import wire
 from apreqeld.runtime.adapter import state_dict
@@ -63,6 +64,8 @@ def status_view(s: Scheduler) -> dict:
         "last_decision": a.last_decision,
         "uptime_s": round(time.monotonic() - s.started, 1),
         "monitor": monitor_view(s),
+        "pressure": pressure_view(s),
+        "latency": latency_view(s),
         "state": state_dict(a.state),
         "budget_bytes": a.budget_bytes(),
         "plans": plan_fit(s),
@@ -88,6 +91,32 @@ def monitor_view(s: Scheduler) -> dict | None:
             "dwell_elapsed": a.dwell_elapsed(),
             "trace_t": (round(a.monitor.elapsed(), 2)
                         if isinstance(a.monitor, TraceSource) else None)}
+
+
+def pressure_view(s: Scheduler) -> dict:
+    """Shedding: whether members may grow, whether the serving one is shed now, why; the PSI
+    triggers set (or why not) and the last reaction seen."""
+    a, now = s.adapter, time.monotonic()
+    shed = a.policy.shedding
+    return {"shedding": shed.active(now=now), "shed_now": a.policy.shed_now(now=now),
+            "reason": shed.reason or None,
+            "last_pressure_s_ago": (round(now - shed.last_pressure, 2)
+                                    if shed.last_pressure is not None else None),
+            "triggers": a.watch_psi.status() if a.watch_psi is not None else None,
+            "last_reaction": ({k: v for k, v in a.reaction.items() if k != "seen"}
+                              if a.reaction else None)}
+
+
+def latency_view(s: Scheduler) -> dict:
+    """The live latency scale: the machine's slowdown, its parts, the served-token
+    correction, and the signals this machine does not give."""
+    a = s.adapter
+    model = slowdown(a.conditions())
+    return {"scale": round(a.latency_scale(), 4), "model": round(model.factor, 4),
+            "parts": {k: round(v, 4) for k, v in model.parts.items()},
+            "correction": round(a.policy.correction.value, 4),
+            "samples": a.policy.correction.samples,
+            "unavailable": a.unavailable() if a.monitor is not None else None}
 
 
 def plan_fit(s: Scheduler) -> list[dict]:

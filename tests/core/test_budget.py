@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from apreqeld.core.budget import budget_bytes, condition_latency, latency_scale, pressure_factor
+from apreqeld.core.budget import budget_bytes, condition_latency, pressure_factor
 from apreqeld.errors import InputError
 
 GIB = 1024**3
@@ -63,15 +63,6 @@ def test_budget_rejects_bad_inputs() -> None:
         budget_bytes(mem_available=float("nan"), reserve=0)
     with pytest.raises(InputError, match="a pressure ramp needs two different ends"):
         pressure_factor(psi_some_avg10=5, psi_low=10, psi_high=10)
-
-
-def test_latency_scale_is_a_robust_median() -> None:
-    assert latency_scale([], 20.0) == 1.0
-    assert latency_scale([40.0, 41.0], 20.0) == 1.0  # too few samples to trust
-    assert latency_scale([40.0, 42.0, 38.0, 400.0], 20.0) == pytest.approx(2.05)
-    assert latency_scale([1e6] * 5, 20.0) == 20.0  # clamped
-    with pytest.raises(InputError, match="measured latency must be positive"):
-        latency_scale([1.0], 0.0)
 
 
 def test_condition_column_when_the_power_mode_matches() -> None:
