@@ -876,11 +876,19 @@ def retime_planset(folder: Path, /, *, workspace: Workspace, source: Path | None
     updated = planset.model_copy(update={
         "members": members,
         "presets": compare_presets(members, [(p.name, p.member) for p in planset.presets],
-                                   planset.accuracy, {p.name: p.reason for p in planset.presets}),
+                                   planset.accuracy, _retimed_reasons(planset, n)),
         "protocol": protocol})
     updated = PlanSet.model_validate(updated.model_dump())
     write_planset(updated, folder)
     return updated
+
+
+def _retimed_reasons(planset: PlanSet, n: int, /) -> dict[str, str | None]:
+    """The presets' reasons after re-time `n`: a preset dominated before is, if no longer,
+    said to be a latency tie of the re-time."""
+    return {p.name: p.reason if not p.dominated_by else
+            f"dominated before re-time {n} ({', '.join(p.dominated_by[:3])}), not in its "
+            "rounds: a latency tie within the spread" for p in planset.presets}
 
 
 def _retimed_rounds(planset: PlanSet, /, *, workspace: Workspace, source: Path | None,
