@@ -157,16 +157,27 @@ def written(view: ModelView, recipe: Mapping[str, str], /) -> dict[str, str]:
 def observations(view: ModelView, predictor_: Predictor, members: Sequence[Member], /, *,
                  accuracy: str) -> list[Observation]:
     """The members as the recalibration sees them: written recipe; latency (median of the
-    rounds), the footprint's overhead over the exact parameter bytes, and the accuracy."""
+    rounds), the footprint's overhead over the exact parameter bytes, and the accuracy. A
+    member with a type the predictor has no figure for is left out."""
     found = []
     for m in members:
         recipe = written(view, m.recipe)
+        if not predictable(predictor_, recipe):
+            continue
         memory = predictor_.predict(recipe)["memory_bytes"]
         found.append(Observation(recipe, {
             "latency_ms": m.measured.latency.median_ms,
             "overhead_bytes": m.measured.footprint_bytes - memory,
             accuracy: float(getattr(m.measured, accuracy))}))
     return found
+
+
+def predictable(predictor_: Predictor, recipe: Mapping[str, str], /) -> bool:
+    """Whether the predictor has a figure for every type the recipe gives a tensor (a member
+    with a type no uniform model measured is left out of the fit)."""
+    return (all(recipe.get(t) in predictor_.bytes_of.get(t, {}) for t in predictor_.bytes_of)
+            and all(recipe.get(t) in f for m, f in predictor_.figures.items()
+                    for t in predictor_.weights[m]))
 
 
 def calibrated(view: ModelView, prior: Predictor, members: Sequence[Member], /, *,

@@ -11,8 +11,10 @@ footprint error, latency at least the preset's rounds' spread (IQR / median) and
 latency error, accuracy the measured accuracy error, each raised for a preset by how far its
 own aims of the last round landed beyond their limits. A preset for which no recipe is
 predicted at even the last relaxation of the margins is shown unbeatable, with the reason.
-Stops when every preset is dominated or shown unbeatable, at the round or member bound, or
-when no aim gives a recipe not measured yet.
+Each round measures at most the member bound spread over the rounds (or one aim per preset
+still open, if more), taken one aim per preset in turn. Stops when every preset is dominated
+or shown unbeatable, at the round or member bound, or when no aim gives a recipe not measured
+yet.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from apreqeld.aiming import (
     aim_label,
     calibrated,
     outside_recipe,
+    predictable,
     written,
 )
 from apreqeld.core.aims import STRICT, aims_at, error_margins, objectives, unbeatable_reason
@@ -122,7 +125,8 @@ def close_loop(view: ModelView, members: Sequence[Member], presets: Mapping[str,
     for r in range(1, bounds.rounds + 2):
         t0 = time.time()
         by_id = {m.id: m for m in members}
-        new = [by_id[i] for i in fresh if i in by_id]
+        new = [by_id[i] for i in fresh
+               if i in by_id and predictable(aimer, written(view, by_id[i].recipe))]
         errors = error_margins([aimer.predict(written(view, m.recipe)) for m in new],
                                [measured_of(m, accuracy) for m in new], names, floor=floors)
         cal = calibrated(view, prior, members, accuracy=accuracy)
@@ -158,7 +162,8 @@ def close_loop(view: ModelView, members: Sequence[Member], presets: Mapping[str,
             if state is not None:
                 status[p] = state
             queue[p] = todo
-        picks = _round_robin(queue, bounds.members - added)
+        share = -(-bounds.members // max(bounds.rounds, 1))  # the bound spread over rounds
+        picks = _round_robin(queue, min(bounds.members - added, max(len(open_), share)))
         if not picks:
             stop = ("every preset is dominated or shown unbeatable"
                     if all(status.get(p, {}).get("state") == "unbeatable" for p in open_)
