@@ -464,6 +464,8 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
             "predictions": aim_predictions(view, final, got.members, accuracy)}
         aim_record["prediction_error"] = prediction_errors(aim_record["predictions"],
                                                            got.members, accuracy)
+        aim_record["prior_prediction_error"] = prediction_errors(
+            aim_predictions(view, aim_predictor, got.members, accuracy), got.members, accuracy)
         reasons = {p: st["reason"] for p, st in loop.status.items()}
     members, baseline, table = got.members, got.baseline, got.table
     planset = PlanSet(
