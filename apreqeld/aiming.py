@@ -113,8 +113,9 @@ def aimed_recipes(view: ModelView, predictor_: Predictor, targets: Mapping[str, 
                   /, *, outside: str, accuracy: str = "kld",
                   margins: Mapping[str, float] | None = None,
                   ) -> list[tuple[str, dict[str, str]]]:
-    """(label, recipe) for each target recipe: the aims (least footprint, latency, accuracy)
-    at the target's predictions less `margins` (INITIAL_MARGINS), per tensor (core.aims)."""
+    """(label, recipe) for each target recipe: the most accurate recipe predicted below the
+    target's predictions by `margins` (initial_margins) on every axis, per tensor (core.aims);
+    the loop's later rounds aim at the measured presets on every axis."""
     options = tensor_options(view, list(predictor_.figures[accuracy]))
     tables = option_tables(predictor_, options)
     fixed = outside_recipe(view, outside)
@@ -123,7 +124,7 @@ def aimed_recipes(view: ModelView, predictor_: Predictor, targets: Mapping[str, 
     for name, recipe in targets.items():
         target = predictor_.predict(recipe)
         level, got = aims_at(predictor_, options, target, fixed, margins, accuracy=accuracy,
-                             tables=tables)
+                             tables=tables, minimize=(accuracy,))
         for minimize, r in got:
             found.append((aim_label(name, minimize, margins, level or 0.0), r))
     return found

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +29,7 @@ from apreqeld.core.sensitivity import parts
 from apreqeld.core.targeting import Predictor, option_tables, tensor_options
 from apreqeld.errors import InputError
 from apreqeld.gguf.view import ModelView
-from apreqeld.manifest import LatencyStats, Member, Metrics, PresetComparison
+from apreqeld.manifest import LatencyStats, Member, Metrics, PresetComparison, load_planset
 
 TYPES = ("q8_0", "q5_0", "q4_0", "q4_K")
 UNIFORM = {"q8_0": (7.0, 0.004, 80e6), "q5_0": (7.2, 0.08, 80e6), "q4_0": (4.5, 0.28, 80.5e6),
@@ -228,3 +229,21 @@ def test_the_manifest_record_rebuilds_the_calibrated_predictor(source_view: Mode
         want = cal.predictor.predict(written(source_view, m.recipe))
         assert rebuilt.predict(written(source_view, m.recipe)) == pytest.approx(want)
     assert predictor_from_record(source_view, evidence_record(ev)).figures == prior.figures
+
+
+def test_the_checked_in_plan_set_keeps_its_predictor_and_reasons(source_view: ModelView) -> None:
+    """What issue 18 composes from: the manifest alone rebuilds the refitted predictor that
+    made its kept predictions; every preset is dominated or says why not."""
+    ps = load_planset(Path(__file__).resolve().parents[1] / "plans" / "smollm2-135m")
+    aim = ps.protocol["planning"]["aim"]
+    rebuilt = predictor_from_record(source_view, aim)
+    for m in ps.members:
+        got = rebuilt.predict(written(source_view, m.recipe))
+        for k, v in aim["predictions"][m.id].items():
+            assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (m.id, k)
+    loop = aim["loop"]
+    assert [r["round"] for r in loop["rounds"]] == list(range(len(loop["rounds"])))
+    assert loop["added"] <= loop["bounds"]["members"]
+    assert len(loop["rounds"]) - 1 <= loop["bounds"]["rounds"]
+    for p in ps.presets:
+        assert bool(p.dominated_by) != bool(p.reason), p.name

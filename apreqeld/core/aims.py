@@ -45,18 +45,20 @@ def error_margins(predicted: Sequence[Mapping[str, float]],
 def aims_at(predictor: Predictor, options: Options, target: Mapping[str, float],
             outside: Mapping[str, str], margins: Mapping[str, float], /, *, accuracy: str,
             tables: Mapping[str, np.ndarray] | None = None, levels: Sequence[float] = LEVELS,
+            minimize: Sequence[str] | None = None,
             ) -> tuple[float | None, list[tuple[str, dict[str, str]]]]:
     """The first level of `levels` at which some aim finds a recipe, and (objective minimized,
-    recipe) for each aim that does; (None, []) when none does at any level."""
+    recipe) for each aim that does (one per objective, or per objective of `minimize`);
+    (None, []) when none does at any level."""
     names = objectives(accuracy)
     for level in levels:
         scaled = {m: max(margins.get(m, 0.0) * level, STRICT) for m in names}
         found = []
-        for minimize in names:
-            got = aim(predictor, options, target, outside, minimize=minimize, margins=scaled,
+        for minimize_ in minimize or names:
+            got = aim(predictor, options, target, outside, minimize=minimize_, margins=scaled,
                       tables=tables)
             if got is not None and got not in [r for _, r in found]:
-                found.append((minimize, got))
+                found.append((minimize_, got))
         if found:
             return level, found
     return None, []
