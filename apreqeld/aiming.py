@@ -1,5 +1,6 @@
 """Mixes aimed at llama.cpp's presets (offline): measure what the additive predictor needs,
-then, for each preset, find the most accurate recipe predicted to be no larger and faster.
+then, for each preset, find per-tensor recipes predicted to beat it on every axis by a margin
+(core.aims), and refit the predictor to what the members measured (core.calibration).
 
 Evidence (all cached in the work directory): every candidate type's uniform model measured
 (memory, latency, accuracy) and its serving footprint, and each sublayer's sensitivity (the
@@ -12,9 +13,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from apreqeld.core.aims import STRICT, aims_at
+from apreqeld.core.calibration import (
+    RIDGE,
+    Calibration,
+    Observation,
+    recalibrate,
+    scaled_weights,
+)
 from apreqeld.core.qtypes import AUTO_CANDIDATES, qtype
-from apreqeld.core.sensitivity import sensitivity_weights, size_weights, type_figures
-from apreqeld.core.targeting import Options, Predictor, aim, option_tables, sublayer_options
+from apreqeld.core.recipes import expected_types
+from apreqeld.core.sensitivity import (
+    sensitivity_weights,
+    size_weights,
+    tensor_part,
+    type_figures,
+)
+from apreqeld.core.targeting import Predictor, option_tables, tensor_options
 from apreqeld.evidence.footprint import cached_footprint
 from apreqeld.evidence.measurement import interleaved_rounds, measure_types, uniform_gguf
 from apreqeld.evidence.protocol import Progress, Protocol, machine_fingerprint, no_progress
@@ -22,9 +37,9 @@ from apreqeld.evidence.reference import Reference
 from apreqeld.evidence.sensitivity import measure_sensitivity
 from apreqeld.evidence.workspace import Workspace, cached_measurement
 from apreqeld.gguf.view import ModelView
+from apreqeld.manifest import Member
 
 AIM_TYPES: tuple[str, ...] = AUTO_CANDIDATES + ("iq4_xs",)
-AIM_PARTS: tuple[str, ...] = ("attn_v", "ffn_down")  # given their own type, as presets do
 SENSITIVITY_BASE, SENSITIVITY_PROBE = "q8_0", "q4_0"
 
 
@@ -95,34 +110,120 @@ def predictor(view: ModelView, evidence: Mapping, /) -> Predictor:
 
 
 def aimed_recipes(view: ModelView, predictor_: Predictor, targets: Mapping[str, Mapping],
-                  /, *, outside: str, parts: Sequence[str], accuracy: str = "kld",
-                  aims: Sequence[tuple[str, Mapping[str, float]]] | None = None,
+                  /, *, outside: str, accuracy: str = "kld",
+                  margins: Mapping[str, float] | None = None,
                   ) -> list[tuple[str, dict[str, str]]]:
-    """(label, recipe) for each target recipe and aim (the metric to minimize, the margins
-    below the target's predictions) that the predictor finds a recipe for; each aim asks for
-    a footprint no larger, and latency and accuracy lower, than the target's."""
-    options: Options = sublayer_options(view, list(predictor_.figures[accuracy]), parts=parts)
+    """(label, recipe) for each target recipe: the most accurate recipe predicted below the
+    target's predictions by `margins` (initial_margins) on every axis, per tensor (core.aims);
+    the loop's later rounds aim at the measured presets on every axis."""
+    options = tensor_options(view, list(predictor_.figures[accuracy]))
     tables = option_tables(predictor_, options)
-    fixed = {t.name: outside for t in view.outside if t.quantizable}
-    aims = aims if aims is not None else default_aims(accuracy)
+    fixed = outside_recipe(view, outside)
+    margins = dict(margins if margins is not None else initial_margins(accuracy))
     found = []
     for name, recipe in targets.items():
         target = predictor_.predict(recipe)
-        for minimize, margins in aims:
-            got = aim(predictor_, options, target, fixed, minimize=minimize, margins=margins,
-                      tables=tables)
-            if got is not None:
-                found.append((f"aimed at {name}: least {_short(minimize)}, "
-                              + ", ".join(f"{_short(m)} -{x:.0%}" for m, x in margins.items()
-                                          if x), got))
+        level, got = aims_at(predictor_, options, target, fixed, margins, accuracy=accuracy,
+                             tables=tables, minimize=(accuracy,))
+        for minimize, r in got:
+            found.append((aim_label(name, minimize, margins, level or 0.0), r))
     return found
 
 
-def default_aims(accuracy: str) -> tuple[tuple[str, dict[str, float]], ...]:
-    """Most accurate a little and clearly faster; fastest a little more accurate."""
-    return ((accuracy, {"footprint_bytes": 0.0, "latency_ms": 0.04, accuracy: 0.02}),
-            (accuracy, {"footprint_bytes": 0.0, "latency_ms": 0.08, accuracy: 0.02}),
-            ("latency_ms", {"footprint_bytes": 0.0, "latency_ms": 0.02, accuracy: 0.10}))
+def initial_margins(accuracy: str) -> dict[str, float]:
+    """The margins of the first aims, before anything aimed is measured."""
+    return {"footprint_bytes": 0.005, "latency_ms": 0.05, accuracy: 0.05}
+
+
+def aim_label(preset: str, minimize: str, margins: Mapping[str, float], level: float, /, *,
+              round_: int = 0) -> str:
+    """`aimed at Q4_K_M: least kld, footprint -0.5%, ms -5%, kld -5%` (round > 0 named)."""
+    kept = ", ".join(f"{_short(m)} -{max(x * level, STRICT):.1%}" for m, x in margins.items())
+    return (f"aimed at {preset}" + (f" (round {round_})" if round_ else "")
+            + f": least {_short(minimize)}, {kept}")
+
+
+def outside_recipe(view: ModelView, outside: str, /) -> dict[str, str]:
+    """The outside tensors (token embedding, output) at `outside`, as in every aimed mix."""
+    return {t.name: qtype(outside).name for t in view.outside if t.quantizable}
+
+
+def written(view: ModelView, recipe: Mapping[str, str], /) -> dict[str, str]:
+    """The recipe's tensors at the types llama.cpp writes (the predictor's figures are of
+    written types)."""
+    got = expected_types(view, recipe)
+    return {t: got[t] for t in recipe}
+
+
+def observations(view: ModelView, predictor_: Predictor, members: Sequence[Member], /, *,
+                 accuracy: str) -> list[Observation]:
+    """The members as the recalibration sees them: written recipe; latency (median of the
+    rounds), the footprint's overhead over the exact parameter bytes, and the accuracy. A
+    member with a type the predictor has no figure for is left out."""
+    found = []
+    for m in members:
+        recipe = written(view, m.recipe)
+        if not predictable(predictor_, recipe):
+            continue
+        memory = predictor_.predict(recipe)["memory_bytes"]
+        found.append(Observation(recipe, {
+            "latency_ms": m.measured.latency.median_ms,
+            "overhead_bytes": m.measured.footprint_bytes - memory,
+            accuracy: float(getattr(m.measured, accuracy))}))
+    return found
+
+
+def predictable(predictor_: Predictor, recipe: Mapping[str, str], /) -> bool:
+    """Whether the predictor has a figure for every type the recipe gives a tensor (a member
+    with a type no uniform model measured is left out of the fit)."""
+    return (all(recipe.get(t) in predictor_.bytes_of.get(t, {}) for t in predictor_.bytes_of)
+            and all(recipe.get(t) in f for m, f in predictor_.figures.items()
+                    for t in predictor_.weights[m]))
+
+
+def calibrated(view: ModelView, prior: Predictor, members: Sequence[Member], /, *,
+               accuracy: str) -> Calibration:
+    """The prior refitted to the measured members (core.calibration), the accuracy's tensor
+    weights rescaled per part."""
+    return recalibrate(prior, observations(view, prior, members, accuracy=accuracy),
+                       parts=tensor_parts(view), scale_parts=(accuracy,))
+
+
+def tensor_parts(view: ModelView, /) -> dict[str, str]:
+    """Sublayer tensor -> its part (attn_v, ffn_down, ...)."""
+    return {t.name: tensor_part(t.name) or "" for s in view.sublayers for t in s.tensors
+            if t.quantizable}
+
+
+def evidence_record(evidence: Mapping, /) -> dict:
+    """What `predictor` needs of the evidence, as kept in the manifest."""
+    keys = ("memory_bytes", "latency_ms", "kld", "ppl")
+    return {"uniform": {n: {k: float(m[k]) for k in keys} for n, m in evidence["uniform"].items()},
+            "footprint": {n: {"footprint_bytes": int(f["footprint_bytes"])}
+                          for n, f in evidence["footprint"].items()},
+            "sensitivity": {k: evidence["sensitivity"][k] for k in (
+                "base", "probe", "outside", "base_kld", "sublayers", "added_kld",
+                "part_added_kld")}}
+
+
+def calibration_record(cal: Calibration, /) -> dict:
+    """The recalibrated figures and part factors (with `evidence_record`, the predictor)."""
+    return {"figures": cal.figures, "part_scale": cal.part_scale, "ridge": RIDGE,
+            "observations": cal.observations, "residual": cal.residual}
+
+
+def predictor_from_record(view: ModelView, record: Mapping, /) -> Predictor:
+    """The aiming predictor from a manifest's `protocol.planning.aim`: the prior from its
+    evidence, then, where it has one, its calibration's figures and part factors."""
+    prior = predictor(view, record)
+    cal = record.get("calibration")
+    if not cal:
+        return prior
+    parts = tensor_parts(view)
+    weights = {m: scaled_weights(w, parts, cal["part_scale"][m]) if m in cal["part_scale"]
+               else dict(w) for m, w in prior.weights.items()}
+    return Predictor(weights=weights, figures={m: dict(f) for m, f in cal["figures"].items()},
+                     bytes_of=prior.bytes_of, fixed_bytes=prior.fixed_bytes)
 
 
 def _short(metric: str) -> str:

@@ -172,6 +172,9 @@ class PresetComparison(_Strict):
     miss: dict[str, float] = Field(default_factory=dict, description="objective -> relative "
                                    "excess of `closest` over the preset (> 0: worse by that "
                                    "share; all <= 0 when it dominates)")
+    reason: str | None = Field(default=None, description="why no own member dominates it: "
+                               "the aiming loop's verdict (shown unbeatable by the predictor, "
+                               "or still open when the loop stopped)")
 
 
 class PlanSet(_Strict):

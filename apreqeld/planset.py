@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from apreqeld import engine
-from apreqeld.aiming import AIM_PARTS, aimed_recipes, aiming_evidence, default_aims, predictor
+from apreqeld.aiming import (
+    aimed_recipes,
+    aiming_evidence,
+    calibration_record,
+    evidence_record,
+    initial_margins,
+    predictor,
+    written,
+)
+from apreqeld.aiming_loop import DEFAULT_BOUNDS, Bounds, close_loop
 from apreqeld.build import export_gguf
 from apreqeld.core.configs import PAPER_CONFIGS, parse_configs
 from apreqeld.core.disturbance import DISTURBED, latency_record, stolen_share
@@ -231,32 +240,36 @@ def add_presets(cands: Sequence[Candidate], probes: Mapping[str, dict], view: Mo
     return list(found.values())
 
 
-def aim_parts(view: ModelShape) -> tuple[str, ...]:
-    """The tensor parts that aimed mixes may give their own type (those the model has)."""
-    return tuple(p for p in AIM_PARTS if p in parts(view))
-
-
 def add_aimed(cands: Sequence[Candidate], view: ModelShape, model_sha256: str,
               aim_predictor: Predictor, targets: Mapping[str, Mapping[str, str]], /, *,
               outside: str, accuracy: str) -> list[Candidate]:
     """The candidates plus the mixes aimed at each preset (a recipe already there keeps its
     candidate)."""
+    return add_recipes(cands, view, model_sha256, [
+        (label, recipe, aim_predictor.predict(recipe)) for label, recipe in aimed_recipes(
+            view, aim_predictor, targets, outside=outside, accuracy=accuracy)], outside=outside)
+
+
+def add_recipes(cands: Sequence[Candidate], view: ModelShape, model_sha256: str,
+                new: Sequence[tuple[str, dict[str, str], Mapping[str, float] | None]], /, *,
+                outside: str) -> list[Candidate]:
+    """The candidates plus a mix for each (label, recipe, prediction) not among them."""
     found = {c.id: c for c in cands}
-    for label, recipe in aimed_recipes(view, aim_predictor, targets, outside=outside,
-                                       parts=aim_parts(view), accuracy=accuracy):
+    for label, recipe, predicted in new:
         pid = member_plan(view, model_sha256, recipe, outside)["plan_id"]
-        found.setdefault(pid, Candidate(pid, "mix", label, outside, recipe,
-                                        predicted=aim_predictor.predict(recipe)))
+        found.setdefault(pid, Candidate(pid, "mix", label, outside, dict(recipe),
+                                        predicted=None if predicted is None else {
+                                            k: float(v) for k, v in predicted.items()}))
     return list(found.values())
 
 
-def aim_predictions(aim_predictor: Predictor, members: Sequence[Member],
+def aim_predictions(view: ModelShape, aim_predictor: Predictor, members: Sequence[Member],
                     accuracy: str) -> dict[str, dict[str, float]]:
     """The aiming predictor's footprint, latency and accuracy for every member (kept in the
     manifest, so that a re-time can judge the predictor again)."""
     keys = ("footprint_bytes", "latency_ms", accuracy)
-    return {m.id: {k: round(float(v), 6) for k, v in aim_predictor.predict(m.recipe).items()
-                   if k in keys} for m in members}
+    return {m.id: {k: round(float(v), 6) for k, v in aim_predictor.predict(
+        written(view, m.recipe)).items() if k in keys} for m in members}
 
 
 def prediction_errors(predictions: Mapping[str, Mapping[str, float]],
@@ -279,9 +292,11 @@ def prediction_errors(predictions: Mapping[str, Mapping[str, float]],
 
 
 def compare_presets(members: Sequence[Member], presets: Sequence[tuple[str, str]],
-                    accuracy: str) -> list[PresetComparison]:
+                    accuracy: str, reasons: Mapping[str, str | None] | None = None,
+                    ) -> list[PresetComparison]:
     """Each (preset, member id) against the own members (mixes and uniform types): which
-    dominate it, else the closest one and its relative excess per objective."""
+    dominate it, else the closest one, its relative excess per objective and, from the aiming
+    loop, why no aim beat it (`reasons`)."""
     points = np.asarray([_objectives(m.measured, accuracy) for m in members])
     index = {m.id: i for i, m in enumerate(members)}
     own = [i for i, m in enumerate(members) if m.kind != "preset"]
@@ -290,7 +305,8 @@ def compare_presets(members: Sequence[Member], presets: Sequence[tuple[str, str]
     return [PresetComparison(name=name, ftype=preset_ftype(name), member=mid,
                              dominated_by=[members[i].id for i in doms],
                              closest=None if near is None else members[near].id,
-                             miss=dict(zip(names, map(_round6, miss), strict=False)))
+                             miss=dict(zip(names, map(_round6, miss), strict=False)),
+                             reason=None if doms else (reasons or {}).get(name))
             for (name, mid), (doms, near, miss) in zip(presets, gaps, strict=True)]
 
 
@@ -356,11 +372,12 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
                 calibration: str | None = None, calibration_tokens: int = 2048,
                 serving_ctx: int = 2048,
                 name: str | None = None, presets: str | None = "all",
-                protect: str | None = None, aim: bool = True,
+                protect: str | None = None, aim: bool = True, bounds: Bounds = DEFAULT_BOUNDS,
                 progress: Progress = no_progress) -> PlanSet:
     """Plan every weight vector, add llama.cpp's presets that apply (`presets`: all, none or
     a comma list) and, with `aim`, mixes aimed at beating each preset (apreqeld.aiming),
-    build and measure each distinct candidate once, keep the measured Pareto set, and write
+    build and measure each distinct candidate once, then, with `aim`, close the loop
+    (apreqeld.aiming_loop, within `bounds`), keep the measured Pareto set, and write
     `out_dir/planset.json` and `out_dir/recipes/`. Resumable."""
     started = time.time()
     quantized = dict(engine.QUANTIZED)
@@ -381,10 +398,18 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
     preset_names = parse_presets(presets)
     protected = parse_protect(protect, view)
     sha = workspace.sha256(source)
-    steps = 7.0  # uniform types, layer profile, vectors, presets, aim, build+measure (2)
+    steps = 8.0  # uniform types, layer profile, vectors, presets, aim, measure (2), loop
 
     def stage(k: float, what: str) -> Progress:
         return lambda w, f: progress(f"{what}: {w}", (k + min(max(f, 0), 1)) / steps)
+
+    def measuring(k: int) -> Progress:
+        """The first measurement, then each round of the aiming loop."""
+        if k == 0:
+            return lambda w, f: progress(w, (5 + 2 * min(max(f, 0), 1)) / steps)
+        share = 1 / max(bounds.rounds, 1)
+        return lambda w, f: progress(f"aim round {k}: {w}",
+                                     (7 + min(1, share * (k - 1 + min(max(f, 0), 1)))) / steps)
 
     dev = device_profile(source, workspace=workspace, protocol=protocol, types=types,
                          outside=outside, progress=stage(0, "uniform types"))
@@ -401,32 +426,48 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
         probes[n] = probe_preset(reference.path, n, view, workspace=workspace,
                                  model_sha256=sha, threads=protocol.threads)
     cands = add_presets(cands, probes, view, sha, dev["policy"]["outside_type"])
-    aim_record = None
+    aim_record, aim_predictor = None, None
+    outside_type = dev["policy"]["outside_type"]
     if aim and any(p["applies"] for p in probes.values()):
-        evidence = aiming_evidence(source, view, reference, outside=dev["policy"]["outside_type"],
+        evidence = aiming_evidence(source, view, reference, outside=outside_type,
                                    protocol=protocol, workspace=workspace,
                                    serving_ctx=serving_ctx,
                                    progress=lambda w, f: progress(w, (4 + f) / steps))
         aim_predictor = predictor(view, evidence)
+        before = len(cands)
         cands = add_aimed(cands, view, sha, aim_predictor,
                           {n: p["recipe"] for n, p in probes.items() if p["applies"]},
-                          outside=dev["policy"]["outside_type"], accuracy=accuracy)
-        aim_record = {"types": list(evidence["uniform"]),
-                      "parts": list(aim_parts(view)),
-                      "sensitivity": {k: evidence["sensitivity"][k]
-                                      for k in ("base", "probe", "base_kld", "part_added_kld")},
-                      "aims": [[m, dict(x)] for m, x in default_aims(accuracy)]}
+                          outside=outside_type, accuracy=accuracy)
+        aim_record = {"types": list(evidence["uniform"]), "parts": parts(view),
+                      "options": "per tensor: every type of `types` the tensor takes as "
+                                 "asked (K-quants where rows allow)",
+                      "initial_margins": initial_margins(accuracy),
+                      "first_aimed": len(cands) - before} | evidence_record(evidence)
     t_planning = time.time() - started - t_evidence
-    members, baseline, table = measure_candidates(
-        view, sha, cands, reference, workspace=workspace, protocol=protocol,
-        serving_ctx=serving_ctx, previous=_previous_conditions(out_dir),
-        progress=lambda w, f: progress(w, (5 + 2 * f) / steps))
-    members = with_front(members, accuracy)
-    if aim_record is not None:
-        aim_record["predictions"] = aim_predictions(aim_predictor, members, accuracy)
-        aim_record["prediction_error"] = prediction_errors(aim_record["predictions"], members,
-                                                           accuracy)
     of = {n: c.id for c in cands for n in c.presets}
+    got = _measured(view, sha, cands, reference, workspace=workspace, protocol=protocol,
+                    serving_ctx=serving_ctx, accuracy=accuracy,
+                    previous=_previous_conditions(out_dir), progress=measuring)
+    reasons: dict[str, str | None] = {}
+    if aim_record is not None and aim_predictor is not None:
+        loop = close_loop(view, got.members, {n: of[n] for n in preset_names if n in of},
+                          aim_predictor, got.more, outside=outside_type, accuracy=accuracy,
+                          bounds=bounds, first_added=aim_record["first_aimed"],
+                          progress=lambda w, f: None)
+        final = loop.predictor
+        aim_record |= {
+            "calibration": calibration_record(loop.calibration) if loop.calibration else None,
+            "loop": {"bounds": {"rounds": bounds.rounds, "members": bounds.members},
+                     "rounds": loop.rounds, "stop": loop.stop,
+                     "added": sum(r["added"] for r in loop.rounds[1:]),
+                     "status": loop.status},
+            "predictions": aim_predictions(view, final, got.members, accuracy)}
+        aim_record["prediction_error"] = prediction_errors(aim_record["predictions"],
+                                                           got.members, accuracy)
+        aim_record["prior_prediction_error"] = prediction_errors(
+            aim_predictions(view, aim_predictor, got.members, accuracy), got.members, accuracy)
+        reasons = {p: st["reason"] for p, st in loop.status.items()}
+    members, baseline, table = got.members, got.baseline, got.table
     planset = PlanSet(
         name=name or out_dir.resolve().name,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -456,10 +497,56 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
         accuracy=accuracy, objectives=("footprint_bytes", "latency_ms", accuracy),
         members=members, notes=[FOOTPRINT_DEFINITION, LATENCY_NOTE, PRESET_NOTE],
         presets=compare_presets(members, [(n, of[n]) for n in preset_names if n in of],
-                                accuracy),
+                                accuracy, reasons),
         store=table)
     write_planset(planset, out_dir, store=workspace.store)
+    progress("plan set written", 1.0)
     return planset
+
+
+@dataclass
+class _Measured:
+    """The candidates measured so far, measured again (all timed together) as more come."""
+
+    view: ModelShape
+    sha: str
+    cands: list[Candidate]
+    outside: str
+    accuracy: str
+    run: Callable[[list[Candidate], Progress], tuple[list[Member], int, ShardTable]]
+    progress: Callable[[int], Progress]  # the progress of the k-th measurement
+    members: list[Member] = field(default_factory=list)
+    baseline: int = 0
+    table: ShardTable | None = None
+    done: int = 0
+
+    def measure(self) -> list[Member]:
+        members, self.baseline, self.table = self.run(self.cands, self.progress(self.done))
+        self.done += 1
+        self.members = with_front(members, self.accuracy)
+        return self.members
+
+    def more(self, new: Sequence[tuple[str, dict[str, str], Mapping[str, float]]]
+             ) -> list[Member]:
+        """Add the (label, recipe, prediction)s not there yet, measure every candidate."""
+        self.cands = add_recipes(self.cands, self.view, self.sha, new, outside=self.outside)
+        return self.measure()
+
+
+def _measured(view: ModelShape, sha: str, cands: Sequence[Candidate], reference: Reference, /,
+              *, workspace: Workspace, protocol: Protocol, serving_ctx: int, accuracy: str,
+              previous: Mapping[str, dict[str, LatencyStats]],
+              progress: Callable[[int], Progress]) -> _Measured:
+    """The candidates measured (measure_candidates), ready to take more; `progress(k)`
+    reports the k-th measurement."""
+    got = _Measured(view, sha, list(cands), cands[0].base_type, accuracy,
+                    lambda cs, p: measure_candidates(view, sha, cs, reference,
+                                                     workspace=workspace, protocol=protocol,
+                                                     serving_ctx=serving_ctx,
+                                                     previous=previous, progress=p),
+                    progress)
+    got.measure()
+    return got
 
 
 def measure_candidates(view: ModelShape, model_sha256: str, cands: Sequence[Candidate],
@@ -744,7 +831,7 @@ def upgrade_planset(folder: Path, /, *, workspace: Workspace, source: Path | Non
     upgraded = PlanSet.model_validate(planset.model_copy(update={
         "format": 2, "store": used_table(table, members), "members": members,
         "presets": compare_presets(members, [(p.name, p.member) for p in planset.presets],
-                                   planset.accuracy),
+                                   planset.accuracy, {p.name: p.reason for p in planset.presets}),
         "notes": [n for n in planset.notes if not n.startswith("footprint =")]
         + [FOOTPRINT_DEFINITION + " Members are loaded as the store serves them: one split "
            "file per tensor, reached through links."]}).model_dump())
@@ -791,11 +878,19 @@ def retime_planset(folder: Path, /, *, workspace: Workspace, source: Path | None
     updated = planset.model_copy(update={
         "members": members,
         "presets": compare_presets(members, [(p.name, p.member) for p in planset.presets],
-                                   planset.accuracy),
+                                   planset.accuracy, _retimed_reasons(planset, n)),
         "protocol": protocol})
     updated = PlanSet.model_validate(updated.model_dump())
     write_planset(updated, folder)
     return updated
+
+
+def _retimed_reasons(planset: PlanSet, n: int, /) -> dict[str, str | None]:
+    """The presets' reasons after re-time `n`: a preset dominated before is, if no longer,
+    said to be a latency tie of the re-time."""
+    return {p.name: p.reason if not p.dominated_by else
+            f"dominated before re-time {n} ({', '.join(p.dominated_by[:3])}), not in its "
+            "rounds: a latency tie within the spread" for p in planset.presets}
 
 
 def _retimed_rounds(planset: PlanSet, /, *, workspace: Workspace, source: Path | None,

@@ -25,7 +25,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("apreqeld.store",),
     ("apreqeld.evidence",),
     ("apreqeld.build",),
-    ("apreqeld.workflow", "apreqeld.aiming", "apreqeld.planset", "apreqeld.study"),
+    ("apreqeld.workflow", "apreqeld.aiming", "apreqeld.aiming_loop", "apreqeld.planset",
+     "apreqeld.study"),
     ("apreqeld.runtime",),
     ("apreqeld.client",),
     ("apreqeld.cli",),
@@ -37,7 +38,8 @@ FILE_CALLS = {"open", "read_text", "write_text", "read_bytes", "write_bytes", "u
 # The daemon never quantizes in its supervisor: building shards (store.fill, build) is a child
 # process's job, started as a command, never imported.
 FORBIDDEN = {"apreqeld.runtime": ("apreqeld.study", "apreqeld.workflow", "apreqeld.planset",
-                                  "apreqeld.store.fill", "apreqeld.build", "apreqeld.aiming"),
+                                  "apreqeld.store.fill", "apreqeld.build", "apreqeld.aiming",
+                                  "apreqeld.aiming_loop"),
              "apreqeld.client": ("apreqeld.engine", "apreqeld.study", "apreqeld.workflow")}
 
 

@@ -143,6 +143,10 @@ def test_cli_reports_a_bad_manifest_in_one_line(tmp_path: Path, run_cli: CliRunn
     assert done.returncode == 1 and "does not divide 1" in done.error_lines[0]
     done = run_cli("planset", "-o", tmp_path / "new", "--types", "q4_0,nope")
     assert done.returncode == 1 and len(done.error_lines) == 1
+    done = run_cli("planset", "-o", tmp_path / "new", "--aim-members", "-1")
+    assert done.returncode == 1 and done.error_lines == [
+        "error: aim bounds must be >= 0, got rounds 3, members -1"]
+    assert not (tmp_path / "new").exists()
 
 
 # --------------------------------------------------------------------------- merging

@@ -718,12 +718,18 @@ def planset_run(
         aim: Annotated[bool, typer.Option(
             "--aim/--no-aim", help="also add mixes aimed at beating each preset: needs "
             "every candidate type measured and one probe per sublayer (cached)")] = True,
+        aim_rounds: Annotated[int, typer.Option(
+            "--aim-rounds", help="rounds of the aiming loop after the first measurement: "
+            "recalibrate, re-aim the presets still undominated, measure")] = 3,
+        aim_members: Annotated[int, typer.Option(
+            "--aim-members", help="members the aiming loop may add in all")] = 36,
         retime: Annotated[bool, typer.Option(
             "--retime", help="re-time the main latency column of the existing plan set in -o "
             "(interleaved rounds; nothing rebuilt or re-scored) and recompute the "
             "front")] = False,
         state_dir: StateDir = None, workdir: Workdir = None) -> None:
     """Plan a weight grid, build and measure each distinct plan, keep the measured front."""
+    from apreqeld.aiming_loop import Bounds
     from apreqeld.planset import record_condition, retime_planset, run_planset
 
     workspace = Workspace(workdir, state_dir=state_dir)
@@ -748,7 +754,9 @@ def planset_run(
                              accuracy=accuracy,
                              calibration=str(calibration) if calibration else None,
                              calibration_tokens=calibration_tokens, serving_ctx=serving_ctx,
-                             presets=presets, protect=protect, aim=aim, progress=bar)
+                             presets=presets, protect=protect, aim=aim,
+                             bounds=Bounds(rounds=aim_rounds, members=aim_members),
+                             progress=bar)
     _render_planset(result)
     out.print(f"{len(result.members)} members ({len(result.pareto_members)} on the measured "
               f"front) written to {output}/ ({time.time() - started:.0f} s)")
@@ -910,7 +918,8 @@ def _render_planset(planset: object, *, condition: str | None = None) -> None:
         for p in planset.presets:
             if not p.dominated_by:
                 gaps = ", ".join(f"{k} {100 * v:+.1f}%" for k, v in p.miss.items())
-                out.print(f"  {p.name} ({p.member}): not dominated; closest {p.closest}: {gaps}")
+                out.print(f"  {p.name} ({p.member}): not dominated; closest {p.closest}: {gaps}"
+                          + (f"; {p.reason}" if p.reason else ""))
 
 
 def _ms(stats: object) -> str:

@@ -24,7 +24,8 @@ from apreqeld.errors import PlanError
 
 @dataclass(frozen=True)
 class Options:
-    """Per sublayer, the recipes (tensor -> type) it may take."""
+    """Per row (a sublayer, or a tensor with `tensor_options`), the recipes (tensor -> type)
+    it may take."""
 
     sublayers: tuple[str, ...]
     choices: tuple[tuple[dict[str, str], ...], ...]
@@ -50,6 +51,24 @@ def sublayer_options(view: ModelShape, types: Sequence[str], /, *,
         choices.append(tuple({t: q for ts, q in zip(names, combo, strict=True) for t in ts}
                              for combo in itertools.product(*accepted)))
     return Options(tuple(s.name for s in view.sublayers), tuple(choices))
+
+
+def tensor_options(view: ModelShape, types: Sequence[str], /) -> Options:
+    """Every quantizable sublayer tensor a row of its own, with each type of `types` it takes
+    as asked: a K-quant where its rows are a multiple of 256, every type without a fallback
+    (q8_0, q5_1, q4_0, iq4_nl, ...) wherever its rows are a multiple of 32."""
+    ladder = [qtype(n) for n in types]
+    names, choices = [], []
+    for s in view.sublayers:
+        for t in s.tensors:
+            if not t.quantizable:
+                continue
+            accepted = tuple({t.name: q.name} for q in ladder if t.type_as(q) == q)
+            if not accepted:
+                raise PlanError(f"no type in {', '.join(types)} suits {t.name}")
+            names.append(t.name)
+            choices.append(accepted)
+    return Options(tuple(names), tuple(choices))
 
 
 def option_table(options: Options, score: Mapping[str, float] | None = None,
