@@ -43,8 +43,17 @@ def test_an_oserror_from_spawning_a_worker_fails_the_swap_and_swapping_goes_on(
     with Client(d.socket, timeout=60) as c:
         c.pin(ids["q8_0"], wait=True)  # both files checked once: no file is opened again
         c.pin(ids["q4_0"], wait=True)
+        # the old worker is stopped after the swap: wait until its pipes are closed, then take
+        # the supervisor's steady fd count (the monitor opens /proc files for a moment)
+        wait_until(lambda: len([w for w in c.status()["workers"] if w["alive"]]) == 1,
+                   what="the old worker stopped")
+        wait_until(lambda: len(workers_of(d)) == 1, what="one worker process")
+        steady = supervisor.num_fds()
+        for _ in range(50):
+            time.sleep(0.01)
+            steady = min(steady, supervisor.num_fds())
         soft, hard = supervisor.rlimit(psutil.RLIMIT_NOFILE)
-        supervisor.rlimit(psutil.RLIMIT_NOFILE, (supervisor.num_fds(), hard))
+        supervisor.rlimit(psutil.RLIMIT_NOFILE, (steady, hard))
         try:  # the worker's socketpair fails with EMFILE
             with pytest.raises(DaemonError) as err:
                 c.pin(ids["q8_0"], wait=True)
