@@ -198,3 +198,46 @@ def test_a_pinned_plan_is_left_while_it_does_not_fit_and_served_again_after(
     assert not load.errors and len(load.results) == load.sent
     assert runs([r["plan"] for _, r in load.results]) == [ids["q8_0"], ids["q4_0"],
                                                           ids["q8_0"]]
+
+
+SHED_PHASES = ((4.0, 6.5, {"psi_memory_some_recent": 35.0}),  # stalls while q8_0 "fits"
+               (20.0, 22.5, {"swapin_per_s": 5000.0}))  # swapping in: 20 MiB/s
+SHED_END = 36.0
+
+
+@pytest.mark.timeout(120)
+def test_thrashing_with_the_member_still_fitting_sheds_and_comes_back(
+        daemon_factory, tiny_plans, tmp_path: Path) -> None:
+    """MemAvailable stays plenty the whole time, so the old budget always held q8_0; stall and
+    swap-in phases shed at the first reading, and q8_0 comes back only after the calm."""
+    ids = tiny_plans.by_label
+    plenty = {"mem_available_bytes": 4 * 1024**3, "power_mode": "MAXN"}
+    rows = [{"t": 0.0, **plenty}]
+    for start, end, signals in SHED_PHASES:
+        rows += [{"t": start, **plenty, **signals}, {"t": end, **plenty}]
+    rows.append({"t": SHED_END, **plenty})
+    trace = tmp_path / "thrashing.jsonl"
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = daemon_factory("--priority", "accuracy", "--monitor", f"trace:{trace}",
+                       "--monitor-interval", str(INTERVAL), "--dwell", str(DWELL),
+                       "--reserve", "0", "--slack", "4MiB")
+    events = Events(d.socket)
+    with Client(d.socket, timeout=60) as c:
+        started = c.status()["monitor"]["started"]
+        assert c.status()["plan"] == ids["q8_0"]
+        load = SteadyClient(d.socket)
+        events.wait_for("swap_done", count=4, timeout=SHED_END + 60)
+        load.close()
+    events.close()
+    done = [e for e in events.events if e["kind"] == "swap_done"]
+    assert [e["from"] for e in done[::2]] == [ids["q8_0"]] * 2, done
+    assert [e["to"] for e in done[1::2]] == [ids["q8_0"]] * 2, done
+    assert all(e["to"] in (ids["mix"], ids["q4_0"]) for e in done[::2]), done
+    starts = [e for e in events.events if e["kind"] == "swap_start"]
+    for (onset, end, _), down, up in zip(SHED_PHASES, starts[::2], starts[1::2], strict=True):
+        at = down["time"] - started
+        assert onset <= at < onset + 3.0, (onset, at)  # the first readings of the phase
+        assert "shedding memory" in down["reason"], down
+        assert up["time"] - started >= end + 9.0, (end, up)  # CLEAR_S after the last stall
+    assert not load.errors and len(load.results) == load.sent
+    assert runs([r["plan"] for _, r in load.results])[::2] == [ids["q8_0"]] * 3
