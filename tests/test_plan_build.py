@@ -238,8 +238,10 @@ def test_saved_plan_and_recipe_beside_the_gguf(built_plan: BuiltPlan,
 
 @pytest.mark.integration
 def test_replaying_the_saved_plan_is_byte_identical(built_plan: BuiltPlan, run_cli: CliRunner,
-                                                    tmp_path: Path) -> None:
+                                                    workspace_dir: Path, tmp_path: Path) -> None:
     replay = tmp_path / "replay.gguf"
+    log = workspace_dir / "apreqel.log"
+    before = log.read_text().splitlines() if log.exists() else []
     result = run_cli("build", "--plan", built_plan.plan_json, "-o", replay,
                      "--threads", str(THREADS))
     assert result.returncode == 0, result.stderr
@@ -247,6 +249,8 @@ def test_replaying_the_saved_plan_is_byte_identical(built_plan: BuiltPlan, run_c
     assert replay.read_bytes() == built_plan.gguf.read_bytes()
     assert (tmp_path / "replay.tensor-types.txt").read_text() == built_plan.recipe_txt.read_text()
     assert list(tmp_path.glob("*.part")) == [] and list(tmp_path.glob("*.raw.gguf")) == []
+    logged = log.read_text().splitlines()[len(before):]  # the progress, also in a log
+    assert logged and all(re.fullmatch(r"\S+ +[\d.]+s +\d+% build: .+", line) for line in logged)
 
 
 @pytest.mark.integration

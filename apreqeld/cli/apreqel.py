@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 from rich.console import Console
@@ -31,7 +31,7 @@ from apreqeld.evidence.protocol import Protocol
 from apreqeld.evidence.workspace import Workspace
 from apreqeld.gguf.view import read_model
 from apreqeld.resources import resolve_model
-from apreqeld.storage import write_json_atomic
+from apreqeld.storage import default_workdir, write_json_atomic
 from apreqeld.workflow import PlanOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -126,16 +126,41 @@ def handled(fn: Callable) -> Callable:
 
 @contextmanager
 def progress_bar(title: str) -> Iterator[Callable[[str, float], None]]:
-    """A rich progress bar fed by the library's (what, fraction) callbacks."""
+    """A rich progress bar fed by the library's (what, fraction) callbacks; each new step is
+    also a line in $APREQEL_HOME/apreqel.log (`tail -f` it when stderr is not a terminal)."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn(
         "{task.percentage:>3.0f}%"), TimeElapsedColumn(), TimeRemainingColumn())
+    log = _progress_log()
+    started, last = time.monotonic(), [""]
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task(title, total=1.0)
 
         def update(what: str, fraction: float) -> None:
-            bar.update(task, description=f"{title}: {what}", completed=min(max(fraction, 0), 1))
+            fraction = min(max(fraction, 0), 1)
+            bar.update(task, description=f"{title}: {what}", completed=fraction)
+            if what != last[0]:
+                last[0] = what
+                line = (f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {time.monotonic() - started:7.1f}s "
+                        f"{fraction:4.0%} {title}: {what}")
+                if log is not None:
+                    log.write(line + "\n")
+                    log.flush()
 
-        yield update
+        try:
+            yield update
+        finally:
+            if log is not None:
+                log.close()
+
+
+def _progress_log() -> TextIO | None:
+    """The progress log, appended to; None where the work directory cannot be written."""
+    try:
+        home = default_workdir()
+        home.mkdir(parents=True, exist_ok=True)
+        return open(home / "apreqel.log", "a", encoding="utf-8")  # noqa: SIM115
+    except OSError:
+        return None
 
 
 def _protocol(chunks: int | None, ctx: int | None, n_gen: int | None, reps: int | None,
