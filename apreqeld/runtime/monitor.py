@@ -79,27 +79,27 @@ def parse_meminfo(text: str, /) -> dict[str, int]:
     return out
 
 
-def parse_psi(text: str, /) -> tuple[float | None, float | None]:
-    """/proc/pressure/memory -> (some avg10, full avg10) in percent."""
-    found: dict[str, float] = {}
+def _psi_fields(text: str, key: str, /) -> dict[str, str]:
+    """A pressure file's `key` per line kind ("some", "full") as written."""
+    found: dict[str, str] = {}
     for line in text.splitlines():
         kind, *pairs = line.split()
         for pair in pairs:
-            key, _, value = pair.partition("=")
-            if key == "avg10":
-                found[kind] = float(value)
+            name, _, value = pair.partition("=")
+            if name == key:
+                found[kind] = value
+    return found
+
+
+def parse_psi(text: str, /) -> tuple[float | None, float | None]:
+    """/proc/pressure/memory -> (some avg10, full avg10) in percent."""
+    found = {k: float(v) for k, v in _psi_fields(text, "avg10").items()}
     return found.get("some"), found.get("full")
 
 
 def parse_psi_totals(text: str, /) -> tuple[int | None, int | None]:
     """A pressure file -> (some total, full total): microseconds stalled since boot."""
-    found: dict[str, int] = {}
-    for line in text.splitlines():
-        kind, *pairs = line.split()
-        for pair in pairs:
-            key, _, value = pair.partition("=")
-            if key == "total" and value.isdigit():
-                found[kind] = int(value)
+    found = {k: int(v) for k, v in _psi_fields(text, "total").items() if v.isdigit()}
     return found.get("some"), found.get("full")
 
 

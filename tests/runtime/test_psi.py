@@ -15,6 +15,7 @@ import pytest
 
 from apreqeld.client import Client
 from apreqeld.core.pressure import SHED_SOME_PCT
+from apreqeld.runtime.monitor import parse_psi
 from apreqeld.runtime.psi import WINDOWS_S, PressureWatch, register, trigger_text
 from test_daemon import Events
 
@@ -66,8 +67,7 @@ def test_files_without_psi_are_refused_with_the_reason(tmp_path: Path) -> None:
 
 def some_avg10() -> float:
     """The machine's PSI memory `some` avg10 now (%)."""
-    line = PSI.read_text().splitlines()[0]
-    return float(dict(f.split("=") for f in line.split()[1:])["avg10"])
+    return parse_psi(PSI.read_text())[0]
 
 
 def wait_for_calm(timeout: float = 90) -> None:
