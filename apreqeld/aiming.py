@@ -14,22 +14,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 from apreqeld.core.aims import STRICT, aims_at
-from apreqeld.core.calibration import (
-    RIDGE,
-    Calibration,
-    Observation,
-    recalibrate,
-    scaled_weights,
-)
+from apreqeld.core.calibration import RIDGE, Calibration, Observation, recalibrate
 from apreqeld.core.disturbance import CLEAN, DISTURBED
-from apreqeld.core.qtypes import AUTO_CANDIDATES, qtype
-from apreqeld.core.recipes import expected_types
-from apreqeld.core.sensitivity import (
-    sensitivity_weights,
-    size_weights,
-    tensor_part,
-    type_figures,
+from apreqeld.core.prediction import (  # noqa: F401 - the aiming names callers use
+    outside_recipe,
+    predictable,
+    predictor,
+    predictor_from_record,
+    tensor_parts,
+    written,
 )
+from apreqeld.core.qtypes import AUTO_CANDIDATES, qtype
 from apreqeld.core.targeting import Predictor, option_tables, tensor_options
 from apreqeld.evidence.footprint import cached_footprint
 from apreqeld.evidence.measurement import interleaved_rounds, measure_types, uniform_gguf
@@ -98,28 +93,6 @@ def _usable_types(view: ModelView, types: Sequence[str]) -> list[str]:
             if all(t.type_as(qtype(n)).name in names for t in tensors)]
 
 
-def predictor(view: ModelView, evidence: Mapping, /) -> Predictor:
-    """The additive predictor from the evidence: accuracy weighted by sensitivity, latency and
-    the footprint's overhead by size; parameter bytes exact."""
-    uniform, footprint = evidence["uniform"], evidence["footprint"]
-    by_size = size_weights(view)
-    by_sensitivity = sensitivity_weights(view, evidence["sensitivity"]["added_kld"],
-                                         evidence["sensitivity"].get("part_added_kld"))
-    columns = {
-        "latency_ms": ({n: m["latency_ms"] for n, m in uniform.items()}, by_size),
-        "overhead_bytes": ({n: footprint[n]["footprint_bytes"] - uniform[n]["memory_bytes"]
-                            for n in uniform}, by_size),
-        "kld": ({n: m["kld"] for n, m in uniform.items()}, by_sensitivity),
-        "ppl": ({n: m["ppl"] for n, m in uniform.items()}, by_sensitivity),
-    }
-    quantizable = [t for t in view.tensors if t.quantizable]
-    return Predictor(
-        weights={k: w for k, (_, w) in columns.items()},
-        figures={k: type_figures(view, u, w) for k, (u, w) in columns.items()},
-        bytes_of={t.name: {n: t.bytes_as(qtype(n)) for n in uniform} for t in quantizable},
-        fixed_bytes=sum(t.n_bytes for t in view.tensors if not t.quantizable))
-
-
 def aimed_recipes(view: ModelView, predictor_: Predictor, targets: Mapping[str, Mapping],
                   /, *, outside: str, accuracy: str = "kld",
                   margins: Mapping[str, float] | None = None,
@@ -154,18 +127,6 @@ def aim_label(preset: str, minimize: str, margins: Mapping[str, float], level: f
             + f": least {_short(minimize)}, {kept}")
 
 
-def outside_recipe(view: ModelView, outside: str, /) -> dict[str, str]:
-    """The outside tensors (token embedding, output) at `outside`, as in every aimed mix."""
-    return {t.name: qtype(outside).name for t in view.outside if t.quantizable}
-
-
-def written(view: ModelView, recipe: Mapping[str, str], /) -> dict[str, str]:
-    """The recipe's tensors at the types llama.cpp writes (the predictor's figures are of
-    written types)."""
-    got = expected_types(view, recipe)
-    return {t: got[t] for t in recipe}
-
-
 def observations(view: ModelView, predictor_: Predictor, members: Sequence[Member], /, *,
                  accuracy: str) -> list[Observation]:
     """The members as the recalibration sees them: written recipe; latency (median of the
@@ -184,26 +145,12 @@ def observations(view: ModelView, predictor_: Predictor, members: Sequence[Membe
     return found
 
 
-def predictable(predictor_: Predictor, recipe: Mapping[str, str], /) -> bool:
-    """Whether the predictor has a figure for every type the recipe gives a tensor (a member
-    with a type no uniform model measured is left out of the fit)."""
-    return (all(recipe.get(t) in predictor_.bytes_of.get(t, {}) for t in predictor_.bytes_of)
-            and all(recipe.get(t) in f for m, f in predictor_.figures.items()
-                    for t in predictor_.weights[m]))
-
-
 def calibrated(view: ModelView, prior: Predictor, members: Sequence[Member], /, *,
                accuracy: str) -> Calibration:
     """The prior refitted to the measured members (core.calibration), the accuracy's tensor
     weights rescaled per part."""
     return recalibrate(prior, observations(view, prior, members, accuracy=accuracy),
                        parts=tensor_parts(view), scale_parts=(accuracy,))
-
-
-def tensor_parts(view: ModelView, /) -> dict[str, str]:
-    """Sublayer tensor -> its part (attn_v, ffn_down, ...)."""
-    return {t.name: tensor_part(t.name) or "" for s in view.sublayers for t in s.tensors
-            if t.quantizable}
 
 
 def evidence_record(evidence: Mapping, /) -> dict:
@@ -221,20 +168,6 @@ def calibration_record(cal: Calibration, /) -> dict:
     """The recalibrated figures and part factors (with `evidence_record`, the predictor)."""
     return {"figures": cal.figures, "part_scale": cal.part_scale, "ridge": RIDGE,
             "observations": cal.observations, "residual": cal.residual}
-
-
-def predictor_from_record(view: ModelView, record: Mapping, /) -> Predictor:
-    """The aiming predictor from a manifest's `protocol.planning.aim`: the prior from its
-    evidence, then, where it has one, its calibration's figures and part factors."""
-    prior = predictor(view, record)
-    cal = record.get("calibration")
-    if not cal:
-        return prior
-    parts = tensor_parts(view)
-    weights = {m: scaled_weights(w, parts, cal["part_scale"][m]) if m in cal["part_scale"]
-               else dict(w) for m, w in prior.weights.items()}
-    return Predictor(weights=weights, figures={m: dict(f) for m, f in cal["figures"].items()},
-                     bytes_of=prior.bytes_of, fixed_bytes=prior.fixed_bytes)
 
 
 def _short(metric: str) -> str:
