@@ -266,6 +266,22 @@ class Client:
                 params[key] = value
         return self.call("set_priority", params)
 
+    def compose(self, *, budget_bytes: float | None = None,
+                priority: str | Sequence[float] | None = None,
+                max_latency_ms: float | None = None,
+                max_memory_bytes: float | None = None) -> dict:
+        """What the daemon would compose under this budget and priority (nothing served)."""
+        params: dict = {}
+        if isinstance(priority, str):
+            params["preset"] = priority
+        elif priority is not None:
+            params["weights"] = [float(w) for w in priority]
+        for key, value in (("budget_bytes", budget_bytes), ("max_latency_ms", max_latency_ms),
+                           ("max_memory_bytes", max_memory_bytes)):
+            if value is not None:
+                params[key] = value
+        return self.call("compose", params)
+
     def pin(self, plan: str, *, wait: bool = False) -> dict:
         return self.call("pin", {"id": plan, "wait": wait})
 

@@ -62,7 +62,8 @@ class Member(_Strict):
     """One variant: how to build it, what it is, and how it measured."""
 
     id: str = Field(min_length=8, max_length=64)
-    kind: Literal["mix", "uniform", "preset"]
+    kind: Literal["mix", "uniform", "preset", "composed"] = Field(
+        description="composed: made by the daemon between the members, never in a manifest")
     label: str
     base_type: str = Field(description="type of tensors the recipe does not name")
     recipe: dict[str, str] = Field(description="tensor name -> type (for a preset: the types "
@@ -204,6 +205,14 @@ class PlanSet(_Strict):
                 raise ValueError(f"member id {m.id} appears twice")
             seen.add(m.id)
         return members
+
+    @model_validator(mode="after")
+    def _no_composed(self) -> PlanSet:
+        composed = [m.id for m in self.members if m.kind == "composed"]
+        if composed:
+            raise ValueError(f"member {composed[0]} is composed: composed members live in the "
+                             "daemon's state dir, never in a plan set")
+        return self
 
     @model_validator(mode="after")
     def _presets_name_members(self) -> PlanSet:

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from apreqeld.client import Client
-from apreqeld.errors import ApreqelError
+from apreqeld.core.limits import parse_size
+from apreqeld.errors import ApreqelError, InputError
 
 PRESETS = ("latency", "memory", "accuracy", "balanced")
 MIB = 1024**2
@@ -40,6 +41,13 @@ def _schema(text: str) -> dict:
     if not isinstance(schema, dict):
         raise argparse.ArgumentTypeError("a JSON schema is a JSON object")
     return schema
+
+
+def _size(text: str) -> float:
+    try:
+        return parse_size(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -85,6 +93,13 @@ def parser() -> argparse.ArgumentParser:
                          help="the reply is a JSON object (llama.cpp's JSON grammar)")
         fmt.add_argument("--json-schema", metavar="SCHEMA", type=_schema,
                          help="the reply is JSON valid for this schema (a file or JSON text)")
+    comp = sub.add_parser("compose", parents=[common], help="what would be composed under a "
+                          "budget (nothing is served)")
+    comp.add_argument("--budget", type=_size, metavar="SIZE",
+                      help="memory budget (150MiB, 1GB; default: the daemon's budget now)")
+    comp.add_argument("--weights", type=_weights, help="memory,latency,accuracy weights "
+                      "(default: the daemon's priority)")
+    comp.add_argument("--max-latency-ms", type=float)
     ev = sub.add_parser("events", parents=[common], help="follow swaps and decisions")
     ev.add_argument("--count", type=int, help="stop after this many events")
     return p
@@ -160,6 +175,46 @@ def render_plans(p: dict) -> str:
         lines.append(f"{'*' if m['serving'] else ' '} {m['id'][:16]:<16}  {m['label'][:24]:<24}"
                      f"  {ms['footprint_bytes'] / MIB:>8.1f}  {ms['latency']['median_ms']:>7.2f}"
                      f"  {value:>8.4f}")
+    return "\n".join(lines + render_composed(p))
+
+
+def render_composed(p: dict) -> list[str]:
+    """The composed members kept, apart from the plan set's."""
+    if not p.get("composed"):
+        compose = p.get("compose") or {}
+        return ([] if compose.get("on", True) else
+                [f"composed: none, composition is off ({compose.get('off_reason')})"])
+    acc = p["accuracy"]
+    lines = ["composed (accuracy predicted; footprint and ms/token measured once served):"]
+    for m in p["composed"]:
+        ms, online = m["measured"], m.get("online") or {}
+        seen = ", ".join(name for key, name in (("footprint_bytes", "footprint"),
+                                                 ("latency_ms", "ms/token")) if key in online)
+        lines.append(f"{'*' if m['serving'] else ' '} {m['id'][:16]:<16}  {m['label'][:24]:<24}"
+                     f"  {ms['footprint_bytes'] / MIB:>8.1f}  {ms['latency']['median_ms']:>7.2f}"
+                     f"  {ms[acc]:>8.4f}  ({'measured: ' + seen if seen else 'predicted'})")
+    return lines
+
+
+def render_compose(r: dict) -> str:
+    budget = "none" if r.get("budget_bytes") is None else f"{r['budget_bytes'] / MIB:.1f} MiB"
+    best = r.get("best_member")
+    lines = [f"budget     {budget}",
+             f"members    {len(r.get('fitting', []))} fit" +
+             (f", best {best} ({r['best_member_accuracy']:.4f})" if best else "")]
+    c = r.get("composed")
+    if c is None:
+        lines.append(f"composed   none: {r['reason']}")
+        return "\n".join(lines)
+    p = c["predicted"]
+    acc = "kld" if "kld" in p else "ppl"
+    types = ", ".join(f"{q} x{n}" for q, n in sorted(c["types"].items(), key=lambda kv: -kv[1]))
+    lines += [f"composed   {c['id']}  {p['footprint_bytes'] / MIB:.1f} MiB, "
+              f"{p['latency_ms']:.2f} ms/tok, {acc} {p[acc]:.4f} (predicted)",
+              f"tensors    {types}",
+              f"verdict    {'would serve it' if r.get('would_serve') else 'would not serve it'}"
+              f": {r['reason']}" + ("" if r.get("would_serve") or not r.get("chosen") else
+                                    f" (chooses {r['chosen']})")]
     return "\n".join(lines)
 
 
@@ -241,6 +296,10 @@ def run(args: argparse.Namespace) -> None:
         elif cmd == "plans":
             r = c.plans()
             text = render_plans(r)
+        elif cmd == "compose":
+            r = c.compose(budget_bytes=args.budget, priority=args.weights,
+                          max_latency_ms=args.max_latency_ms)
+            text = render_compose(r)
         elif cmd == "set-priority":
             r = c.set_priority(args.preset, wait=wait, **levels)
             text = _decision_line(f"priority {args.preset}", r)

@@ -57,6 +57,10 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a plan serves before an upgrade (default 10)")
     p.add_argument("--no-adapt", dest="adapt", action="store_const", const=False,
                    help="decide but do not swap when the machine changes")
+    p.add_argument("--no-compose", dest="compose", action="store_const", const=False,
+                   help="serve only the plan set's members, never a composed recipe")
+    p.add_argument("--max-composed", dest="max_composed", type=int, metavar="N",
+                   help="composed members kept, least recently used go (default 4)")
     p.add_argument("--swap-mode", choices=["auto", "make-before-break", "break-before-make"])
     p.add_argument("--grace", dest="grace_s", type=float,
                    help="seconds in-flight requests get on SIGTERM (default 10)")

@@ -29,10 +29,18 @@ import psutil
 
 from apreqeld.core import pressure
 from apreqeld.core.latency import Conditions, slowdown
-from apreqeld.core.selection import Candidate, Decision, Priority, ServiceLevels, feasibility
+from apreqeld.core.selection import (
+    Candidate,
+    Decision,
+    Priority,
+    ServiceLevels,
+    choose,
+    feasibility,
+)
 from apreqeld.errors import InputError
 from apreqeld.manifest import Member, PlanSet
 from apreqeld.runtime.backoff import Health
+from apreqeld.runtime.compose import Composer
 from apreqeld.runtime.config import DaemonConfig
 from apreqeld.runtime.monitor import (
     JtopSource,
@@ -79,8 +87,10 @@ class Adapter:
                  monitor: Source | None, health: Health, emit: Callable[..., dict],
                  serving: Callable[[], str | None],
                  shared: Callable[[str], float] = lambda _plan: 0.0,
-                 busy: Callable[[], bool] = lambda: False, offload: bool = False) -> None:
+                 busy: Callable[[], bool] = lambda: False, offload: bool = False,
+                 composer: Composer | None = None) -> None:
         self.config, self.planset, self.priority = config, planset, priority
+        self.composer = composer
         self.monitor = monitor
         self.health = health
         self.policy = Policy(margin=config.swap_margin, min_dwell_s=config.min_dwell_s,
@@ -146,11 +156,17 @@ class Adapter:
     # ------------------------------------------------------------------ the plan set
 
     def members(self) -> list[Member]:
-        return self.planset.pareto_members or self.planset.members
+        """The candidates: the plan set's front and the composed members kept."""
+        kept = self.composer.members() if self.composer is not None else []
+        return (self.planset.pareto_members or self.planset.members) + kept
 
     def member(self, plan: str | None) -> Member | None:
-        """The member with this exact id in the current plan set (a reload may drop it)."""
-        return next((m for m in self.planset.members if m.id == plan), None)
+        """The member with this exact id in the current plan set (a reload may drop it), or a
+        composed one."""
+        found = next((m for m in self.planset.members if m.id == plan), None)
+        if found is None and self.composer is not None:
+            return self.composer.member(plan)
+        return found
 
     def footprint(self, plan: str | None) -> float:
         """The member's measured footprint (what the policy counts), 0 for none."""
@@ -197,9 +213,10 @@ class Adapter:
         return self.policy.latency_scale(self.conditions())
 
     def observe(self, plan: str, ms_per_token: float) -> None:
-        """A served ms/token of `plan`, for the latency correction (any member's)."""
+        """A served ms/token of `plan`, for the latency correction (a measured member's: a
+        composed one's latency is what is being measured)."""
         member = self.member(plan)
-        if member is not None:
+        if member is not None and member.kind != "composed":
             (c,) = self.candidates([member])
             self.policy.observe(ms_per_token, c.latency_ms, slowdown(self.conditions()))
 
@@ -220,10 +237,16 @@ class Adapter:
         """One decision over the available members, then the pin; a decision event when it
         changed (always for a user's, unless `event` is False)."""
         t0 = time.perf_counter()
-        decision = self.policy.decide(self.reading(), self.available(), self.priority,
+        members = self.available()
+        proposal = self._proposal(members)
+        if proposal is not None and all(m.id != proposal.id for m in members):
+            members = [*members, proposal]
+        decision = self.policy.decide(self.reading(), members, self.priority,
                                       current=self._serving(), now=time.monotonic(),
                                       conditions=self.conditions(),
                                       accuracy=self.planset.accuracy, user=user)
+        if proposal is not None and decision.choice == proposal.id:
+            self.composer.admit(proposal, protect=(self._serving(), self.pinned))
         choice = pin_target(self.pinned, self._pin_misfit(), decision)
         ms = (time.perf_counter() - t0) * 1000
         if not user:
@@ -245,6 +268,84 @@ class Adapter:
                        budget_bytes=decision.budget_bytes, state=state_dict(self.state),
                        decide_ms=round(ms, 3))
         return choice
+
+    def limits(self) -> tuple[float | None, float | None]:
+        """(footprint, ms/token as measured) a member that is not serving must fit now: the
+        budget less the slack and the max memory level; the max latency level over the live
+        scale. None: no limit."""
+        budget, levels = self.budget_bytes(), self.priority.levels
+        if budget is not None:
+            budget -= self.policy.slack_bytes
+        found = [b for b in (budget, levels.max_memory_bytes) if b is not None]
+        footprint = min(found) if found else None
+        ms = (levels.max_latency_ms / self.latency_scale()
+              if levels.max_latency_ms is not None else None)
+        return footprint, ms
+
+    def _proposal(self, available: list[Member]) -> Member | None:
+        """A composed member worth adding to the candidates now (not while pinned, nor when
+        nothing limits the choice: the largest member serves)."""
+        if self.composer is None or self.pinned is not None:
+            return None
+        footprint, ms = self.limits()
+        if footprint is None and ms is None:
+            return None
+        budget, scale = self.budget_bytes(), self.latency_scale()
+        serving = self._serving()
+        fitting = []
+        for m, c in zip(available, self.candidates(available), strict=True):
+            limit = budget if budget is None or m.id == serving else \
+                budget - self.policy.slack_bytes
+            if feasibility(c, self.priority.levels, budget_bytes=limit,
+                           latency_scale=scale) is None:
+                fitting.append(m)
+        return self.composer.propose(max_footprint_bytes=footprint, max_latency_ms=ms,
+                                     fitting=fitting)
+
+    def preview(self, priority: Priority, /, *, budget_bytes: float | None) -> dict:
+        """What would be composed under this priority (its weights and levels) and memory
+        budget against the plan set's members, and whether the policy would serve it; nothing
+        is served or kept."""
+        levels, scale = priority.levels, self.latency_scale()
+        members = [m for m in self.available() if m.kind != "composed"]
+        fitting = [m for m, c in zip(members, self.candidates(members), strict=True)
+                   if feasibility(c, levels, budget_bytes=budget_bytes,
+                                  latency_scale=scale) is None]
+        best = min(fitting, key=lambda m: getattr(m.measured, self.planset.accuracy),
+                   default=None)
+        out = {"budget_bytes": budget_bytes, "fitting": [m.id for m in fitting],
+               "best_member": best.id if best else None,
+               "best_member_accuracy": (getattr(best.measured, self.planset.accuracy)
+                                        if best else None)}
+        off = self.composer.off_reason if self.composer else "no composer"
+        if off is not None:
+            return out | {"composed": None, "reason": f"composition is off: {off}"}
+        found = [b for b in (budget_bytes, levels.max_memory_bytes) if b is not None]
+        limits = {"max_footprint_bytes": min(found) if found else None,
+                  "max_latency_ms": (levels.max_latency_ms / scale
+                                     if levels.max_latency_ms is not None else None)}
+        composition = self.composer.composition(**limits)
+        if composition is None:
+            return out | {"composed": None, "reason": "no recipe of the shards at hand is "
+                          "predicted to fit these limits"}
+        proposal = self.composer.propose(**limits, fitting=fitting)
+        shown = proposal or self.composer.member_of(composition)
+        chosen = None
+        if proposal is not None:
+            chosen = choose(self.candidates([*members, proposal]), priority,
+                            budget_bytes=budget_bytes, latency_scale=scale).choice
+        types: dict[str, int] = {}
+        for q in shown.recipe.values():
+            types[q] = types.get(q, 0) + 1
+        return out | {
+            "composed": {"id": shown.id, "label": shown.label, "predicted": shown.predicted,
+                         "types": types},
+            "worth_serving": proposal is not None, "would_serve": chosen == shown.id,
+            "chosen": chosen,
+            "reason": ("predicted better than every member that fits beyond the predictor's "
+                       "median error" if proposal is not None else
+                       "not predicted better than the best member that fits beyond the "
+                       "predictor's median error")}
 
     def _pin_misfit(self) -> str | None:
         """Why the pinned member cannot serve now (None: it can)."""

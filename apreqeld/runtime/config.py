@@ -111,6 +111,10 @@ class DaemonConfig(BaseModel):
     monitor_interval_s: float = Field(default=1.0, gt=0, le=60)
     record: Path | None = Field(default=None, description="JSONL of the live states seen")
     adapt: bool = Field(default=True, description="follow the machine (False: decide, not act)")
+    compose: bool = Field(default=True, description="serve recipes composed between the "
+                          "members when the plan set records the predictor's evidence")
+    max_composed: int = Field(default=4, ge=1, le=64, description="composed members kept "
+                              "(least recently used go)")
     swap_mode: Literal["auto", "make-before-break", "break-before-make"] = "auto"
     grace_s: float = Field(default=10.0, ge=0, description="SIGTERM: time to finish requests")
     load_timeout_s: float = Field(default=120.0, gt=0, description="a worker's load and warm-up")

@@ -30,8 +30,9 @@ class Dispatcher:
     def __init__(self, pool: WorkerPool, *, bound: int, counts: dict[str, int],
                  progress: Progress, need_worker: Callable[[], None],
                  observe: Callable[[str, float | None], None], unavailable_s: float,
-                 deadline_s: float) -> None:
+                 deadline_s: float, about: Callable[[str], dict] = lambda _plan: {}) -> None:
         self.pool = pool
+        self._about = about  # what a result says of its plan beyond the id (composed)
         self.bound = bound
         self.counts = counts
         self.slot = asyncio.Lock()
@@ -146,7 +147,8 @@ class Dispatcher:
         ok = False
         try:
             result = await worker.run(job, on_message=lambda: self._progress.beat(NAME))
-            result |= {"plan": worker.plan,
+            result |= self._about(worker.plan) | {
+                       "plan": worker.plan,
                        "queued_ms": round((time.monotonic() - job.accepted) * 1000
                                           - result["usage"].get("total_ms", 0), 3)}
             ok = True

@@ -201,7 +201,7 @@ class _Live(Collector):
     def collect(self) -> Iterator[Metric]:
         s = self.scheduler
         status = s.status()
-        member = next((m for m in s.planset.members if m.id == status["plan"]), None)
+        member = s.adapter.member(status["plan"])
         ready = status["plan"] is not None and not status["broken"] and not status["closing"]
         serving = [w for w in status["workers"] if w["plan"] == status["plan"] and w["alive"]]
         families = [
@@ -222,14 +222,17 @@ class _Live(Collector):
             _gauge("apreqeld_pinned", "1 while pinned to a member", status["pinned"] is not None),
         ]
         if member is not None:
-            # Every member today comes measured from the manifest; recipes composed while
-            # serving (the shard store) will say state="composed".
+            composed = member.kind == "composed"
+            online = s.composer.online.get(member.id, {}) if composed else {}
             families.append(_gauge("apreqeld_serving_info", "The member serving", 1, {
                 "member": member.id, "label": member.label, "kind": member.kind,
-                "state": "measured", "planset": status["planset"]["name"]}))
+                "state": "composed" if composed else "measured",
+                "planset": status["planset"]["name"]}))
+            source = ("measured" if not composed else
+                      "online" if "footprint_bytes" in online else "predicted")
             families.append(_gauge("apreqeld_serving_footprint_bytes", "The serving member's "
                                    "measured footprint", member.measured.footprint_bytes,
-                                   {"source": "measured"}))
+                                   {"source": source}))
             if serving and serving[0]["rss"]:
                 families[-1].add_metric(["resident"], float(serving[0]["rss"]))
             families.append(_gauge("apreqeld_serving_measured_ms_per_token", "The serving "

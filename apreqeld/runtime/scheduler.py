@@ -22,11 +22,13 @@ import time
 from collections.abc import Callable
 
 from apreqeld.core.selection import Priority
-from apreqeld.errors import DaemonError, InputError
+from apreqeld.errors import ApreqelError, DaemonError, InputError
+from apreqeld.gguf.view import ModelView, read_model
 from apreqeld.manifest import PlanSet, load_planset
 from apreqeld.runtime import wire
 from apreqeld.runtime.adapter import Adapter, Choice, decision_dict, state_dict
 from apreqeld.runtime.backoff import Health
+from apreqeld.runtime.compose import Composer
 from apreqeld.runtime.config import DaemonConfig
 from apreqeld.runtime.dispatch import Dispatcher
 from apreqeld.runtime.events import EventBus
@@ -67,16 +69,20 @@ class Scheduler:
         self.pool = WorkerPool(spawn, start_worker=start_worker, health=self.health,
                                emit=self.emit, on_death=self._died)
         self.pool.add_listener(self.files)
+        self.composer = Composer(planset, self.files.store, config.state_dir,
+                                 enabled=config.compose, keep=config.max_composed,
+                                 emit=self.emit, view_of=self._model_view)
         self.adapter = Adapter(config, planset, priority, monitor=monitor, health=self.health,
                                emit=self.emit, serving=lambda: self.pool.serving,
                                shared=self.shared_bytes,
                                busy=lambda: self.dispatcher.current is not None,
-                               offload=spawn.gpu_layers > 0)
+                               offload=spawn.gpu_layers > 0, composer=self.composer)
         self.dispatcher = Dispatcher(
             self.pool, bound=config.queue_bound, counts=self.counts,
             progress=self.supervisor.progress, need_worker=lambda: self.swapper.repair(),
             observe=self._observe, unavailable_s=config.load_timeout_s + config.backoff_cap_s,
-            deadline_s=config.stall_timeout_s + config.load_timeout_s + 30)
+            deadline_s=config.stall_timeout_s + config.load_timeout_s + 30,
+            about=self._about)
         self.swapper = Swapper(
             self.pool, self.files, self.dispatcher, emit=self.emit,
             progress=self.supervisor.progress, counts=self.counts, member_of=self.adapter.member,
@@ -141,6 +147,17 @@ class Scheduler:
         except (OSError, InputError):
             return 0
 
+    def _model_view(self) -> ModelView | None:
+        """The model's tensors as the serving member's assembled files show them (every
+        member has the same tensors), for the composer's predictor."""
+        member = self.adapter.member(self.pool.serving)
+        if member is None:
+            return None
+        try:
+            return read_model(self.files.path(member))
+        except (OSError, ApreqelError):
+            return None
+
     @property
     def failed(self) -> asyncio.Event:
         """Set when a loop could not be kept running: the daemon must exit non-zero."""
@@ -184,6 +201,7 @@ class Scheduler:
                 continue
             self.pool.activate(worker)
             self.swapper.target = member.id
+            self.composer.loaded(member, worker.rss)
             break
         else:
             raise failure or DaemonError("the plan set has no member", code=wire.UNAVAILABLE)
@@ -217,9 +235,23 @@ class Scheduler:
         """Accept a request into the queue, or refuse it at once (busy, shutting down)."""
         return self.dispatcher.submit(kind, params, on_token)
 
+    def _about(self, plan: str) -> dict:
+        """A composed plan is marked so in every result, with its figures (predicted, or
+        measured online) and its label."""
+        member = self.adapter.member(plan)
+        if member is None or member.kind != "composed":
+            return {}
+        return {"composed": {"label": member.label, "predicted": member.predicted,
+                             "online": dict(self.composer.online.get(plan, {}))}}
+
     def _observe(self, plan: str, ms_per_token: float | None) -> None:
-        """A served ms/token for the policy (not while replaying a trace: the trace stands for
-        the machine, and this machine's real speed would cancel its power modes)."""
+        """A served ms/token for the composer (always: it compares members served alike) and
+        for the policy (not while replaying a trace: the trace stands for the machine, and
+        this machine's real speed would cancel its power modes)."""
+        member = self.adapter.member(plan)
+        if ms_per_token and member is not None:
+            self.composer.served(member, float(ms_per_token))
+            self._leave_dropped(plan)
         if ms_per_token and self.monitor is not None and not isinstance(self.monitor,
                                                                          TraceSource):
             self.adapter.observe(plan, float(ms_per_token))
@@ -228,7 +260,8 @@ class Scheduler:
 
     def request_swap(self, plan: str, *, reason: str) -> None:
         """Make `plan` the target; the swapper converges to it."""
-        self.swapper.request(self.planset.member(plan).id, reason=reason)
+        member = self.adapter.member(plan) or self.planset.member(plan)
+        self.swapper.request(member.id, reason=reason)
 
     async def settle(self) -> None:
         """Wait until no swap is pending or running."""
@@ -281,6 +314,7 @@ class Scheduler:
                               code=wire.INVALID) from None
         old = {m.id for m in self.planset.members}
         self.adapter.planset = planset
+        self.composer.use(planset)
         self.health.clear()  # files may have been repaired: every member gets a new chance
         new = {m.id for m in planset.members}
         self.emit("planset_reloaded", name=planset.name, members=len(planset.members),
@@ -320,8 +354,20 @@ class Scheduler:
     def _swapping(self) -> bool:
         return self.swapper.swap is not None or self.swapper.target != self.serving
 
-    def _swapped(self, _source: str | None, _target: str) -> None:
+    def _swapped(self, _source: str | None, target: str) -> None:
         self.adapter.policy.switched(now=time.monotonic())
+        member, worker = self.adapter.member(target), self.pool.active
+        if member is not None and worker is not None and worker.plan == target:
+            self.composer.loaded(member, worker.rss)
+            self._leave_dropped(target)
+
+    def _leave_dropped(self, plan: str) -> None:
+        """The serving composed member measured worse than predicted: serve the best other."""
+        if plan == self.serving and plan in self.composer.dropped:
+            choice = self.adapter.decide(source="composed_dropped", user=True)
+            if choice.target not in (None, plan):
+                self.request_swap(choice.target, reason=f"composed {plan} dropped: "
+                                  f"{choice.reason}")
 
     def _swap_failed(self, target: str, reason: str) -> None:
         if self.adapter.pin_failed(target, reason):

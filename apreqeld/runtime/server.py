@@ -132,6 +132,16 @@ class Daemon:
                                  "refused": dict(self.refused)}
         if method == "plans":
             return s.plans()
+        if method == "compose":
+            spec = params.preset if params.preset is not None else params.weights
+            priority = s.priority
+            levels = ServiceLevels(params.max_latency_ms, None, params.max_memory_bytes)
+            if spec is not None or params.max_latency_ms or params.max_memory_bytes:
+                priority = priority_from(spec if spec is not None else priority.weights,
+                                         levels=levels)
+            budget = params.budget_bytes if params.budget_bytes is not None else \
+                s.adapter.budget_bytes()
+            return s.adapter.preview(priority, budget_bytes=budget)
         if method in ("generate", "chat"):
             def on_token(text: str) -> None:
                 conn.send(wire.notification("token", {"id": msgid, "text": text}))

@@ -39,6 +39,7 @@ def status_view(s: Scheduler) -> dict:
         "protocol": wire.PROTOCOL,
         "plan": s.serving,
         "label": member.label if member else None,
+        "serving_composed": bool(member and member.kind == "composed"),
         "target": sw.target,
         "swapping": sw.swap is not None,
         "swap": dict(sw.swap) if sw.swap else None,
@@ -69,6 +70,7 @@ def status_view(s: Scheduler) -> dict:
         "state": state_dict(a.state),
         "budget_bytes": a.budget_bytes(),
         "plans": plan_fit(s),
+        "composition": s.composer.view(),
     }
 
 
@@ -124,6 +126,7 @@ def plan_fit(s: Scheduler) -> list[dict]:
     a = s.adapter
     budget, scale = a.budget_bytes(), a.latency_scale()
     rows, fitting = [], []
+    kinds = {m.id: m.kind for m in a.members()}
     for c in a.candidates():
         limit = budget if budget is None or c.id == s.serving else budget - a.policy.slack_bytes
         why = feasibility(c, a.priority.levels, budget_bytes=limit, latency_scale=scale)
@@ -133,7 +136,8 @@ def plan_fit(s: Scheduler) -> list[dict]:
             fitting.append(c)
         rows.append({"id": c.id, "footprint_bytes": c.footprint_bytes,
                      "latency_ms": round(c.latency_ms * scale, 3), "accuracy": c.accuracy,
-                     "fits": why is None, "why": why, "serving": c.id == s.serving})
+                     "fits": why is None, "why": why, "serving": c.id == s.serving,
+                     "composed": kinds.get(c.id) == "composed"})
     scores = closeness(fitting, a.priority.weights, latency_scale=scale)
     for row in rows:
         row["closeness"] = round(scores[row["id"]], 4) if row["id"] in scores else None
@@ -146,4 +150,11 @@ def plans_view(s: Scheduler) -> dict:
             "members": [{"id": m.id, "label": m.label, "kind": m.kind, "pareto": m.pareto,
                          "serving": m.id == s.serving, "present": s.files.present(m),
                          "measured": m.measured.model_dump(mode="json")}
-                        for m in a.planset.members]}
+                        for m in a.planset.members],
+            "composed": [{"id": m.id, "label": m.label, "kind": m.kind,
+                          "serving": m.id == s.serving, "predicted": m.predicted,
+                          "online": s.composer.online.get(m.id, {}),
+                          "measured": m.measured.model_dump(mode="json")}
+                         for m in s.composer.members()],
+            "compose": {"on": s.composer.off_reason is None,
+                        "off_reason": s.composer.off_reason}}

@@ -141,6 +141,22 @@ class SetPriorityParams(_Params):
         return self
 
 
+class ComposeParams(_Params):
+    """What would be composed under a budget and a priority (default: the daemon's own)."""
+
+    budget_bytes: float | None = Field(default=None, gt=0)
+    preset: str | None = None
+    weights: tuple[float, float, float] | None = None
+    max_latency_ms: float | None = Field(default=None, gt=0)
+    max_memory_bytes: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> ComposeParams:
+        if self.preset is not None and self.weights is not None:
+            raise ValueError("give a preset or three weights, not both")
+        return self
+
+
 _PLAN_ID = re.compile(r"[0-9a-f]{4,64}")
 
 
@@ -168,6 +184,7 @@ METHODS: dict[str, type[_Params]] = {
     "hello": NoParams, "status": NoParams, "plans": NoParams, "generate": GenerateParams,
     "chat": ChatParams, "set_priority": SetPriorityParams, "pin": PinParams,
     "unpin": UnpinParams, "reload": NoParams, "events": NoParams, "cancel": CancelParams,
+    "compose": ComposeParams,
 }
 
 

@@ -56,8 +56,10 @@ def test_status_text_and_json(daemon: RunningDaemon, tiny_plans) -> None:
 def test_plans_lists_members_with_metrics(daemon: RunningDaemon, tiny_plans) -> None:
     lines = ok("plans", socket=daemon.socket).splitlines()
     assert lines[0] == "  ID                LABEL                          MiB   MS/TOK       KLD"
-    assert len(lines) == 4
-    for member, line in zip(tiny_plans.planset.members, lines[1:], strict=True):
+    assert len(lines) == 5
+    assert lines[4] == ("composed: none, composition is off (no predictor evidence in the plan "
+                        "set; `apreqel planset --presets` records it)")
+    for member, line in zip(tiny_plans.planset.members, lines[1:4], strict=True):
         m = member.measured
         assert line == (f"{'*' if member.label == 'uniform q4_0' else ' '} {member.id:<16}  "
                         f"{member.label:<24}  {m.footprint_bytes / 1024**2:>8.1f}  "
