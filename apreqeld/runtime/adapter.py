@@ -299,6 +299,11 @@ class Adapter:
             if feasibility(c, self.priority.levels, budget_bytes=limit,
                            latency_scale=scale) is None:
                 fitting.append(m)
+        accuracy = self.planset.accuracy
+        top = min(self.planset.pareto_members or self.planset.members,
+                  key=lambda m: getattr(m.measured, accuracy))
+        if any(m.id == top.id for m in fitting):
+            return None  # the most accurate member fits: nothing to compose for
         return self.composer.propose(max_footprint_bytes=footprint, max_latency_ms=ms,
                                      fitting=fitting)
 
