@@ -373,12 +373,14 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
                 serving_ctx: int = 2048,
                 name: str | None = None, presets: str | None = "all",
                 protect: str | None = None, aim: bool = True, bounds: Bounds = DEFAULT_BOUNDS,
+                extra: Sequence[tuple[str, dict[str, str], Mapping[str, float]]] = (),
                 progress: Progress = no_progress) -> PlanSet:
     """Plan every weight vector, add llama.cpp's presets that apply (`presets`: all, none or
     a comma list) and, with `aim`, mixes aimed at beating each preset (apreqeld.aiming),
     build and measure each distinct candidate once, then, with `aim`, close the loop
     (apreqeld.aiming_loop, within `bounds`), keep the measured Pareto set, and write
-    `out_dir/planset.json` and `out_dir/recipes/`. Resumable."""
+    `out_dir/planset.json` and `out_dir/recipes/`. `extra`: (label, recipe, prediction)s
+    measured as candidates too (the daemon's composed members). Resumable."""
     started = time.time()
     quantized = dict(engine.QUANTIZED)
     out_dir = Path(out_dir)
@@ -443,6 +445,8 @@ def run_planset(source: Path, out_dir: Path, /, *, workspace: Workspace, protoco
                                  "asked (K-quants where rows allow)",
                       "initial_margins": initial_margins(accuracy),
                       "first_aimed": len(cands) - before} | evidence_record(evidence)
+    if extra:
+        cands = add_recipes(cands, view, sha, list(extra), outside=outside_type)
     t_planning = time.time() - started - t_evidence
     of = {n: c.id for c in cands for n in c.presets}
     got = _measured(view, sha, cands, reference, workspace=workspace, protocol=protocol,

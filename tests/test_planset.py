@@ -379,3 +379,37 @@ def test_recipes_command_measures_hand_written_recipes(run_cli: CliRunner,
         assert bad.returncode == 1 and len(bad.error_lines) == 1, bad.stderr
         assert message in bad.error_lines[0]
     assert not (tmp_path / "bad").exists()
+
+
+# --------------------------------------------------------------------------- composed members
+
+
+def test_composed_members_kept_online_are_scored_as_ordinary_members(
+        tiny_planset: dict, source_model: Path, workspace: Workspace, tmp_path: Path) -> None:
+    """`--measure-composed`: a recipe the daemon composed and kept in a state dir's online
+    section joins the plan set as a measured mix; none kept is a one-line error."""
+    from apreqeld.errors import InputError
+    from apreqeld.store.online import composed_recipes, write_composed
+
+    planset = tiny_planset["planset"]
+    sha = planset.model.sha256
+    with pytest.raises(InputError, match=r"no composed members in .*composed-.*\.json"):
+        composed_recipes(tmp_path, sha)
+    uniform = sorted((m for m in planset.members if m.kind == "uniform"),
+                     key=lambda m: m.measured.footprint_bytes)
+    low, high = uniform[0].recipe, uniform[-1].recipe
+    names = sorted(low)
+    recipe = {t: (high if k % 3 == 0 else low)[t] for k, t in enumerate(names)}
+    write_composed(tmp_path, sha, kept=[{"id": "0123456789ab", "label": "composed 150.0 MiB",
+                                         "recipe": recipe, "predicted": {"kld": 0.1}}],
+                   dropped=[], online={})
+    extra = composed_recipes(tmp_path, sha)
+    assert [label for label, _, _ in extra] == ["composed 150.0 MiB (served online)"]
+    again = P.run_planset(source_model, tiny_planset["out"], workspace=workspace,
+                          protocol=PROTOCOL, types=PLANSET_TYPES, step=0.5, paper=False,
+                          calibration_tokens=256, serving_ctx=256, presets="none",
+                          extra=extra)
+    (new,) = [m for m in again.members if m.label == "composed 150.0 MiB (served online)"]
+    assert new.kind == "mix" and new.recipe == recipe and new.measured.kld > 0
+    assert {m.id for m in planset.members} < {m.id for m in again.members}
+    assert load_planset(tiny_planset["out"]) == again

@@ -752,6 +752,10 @@ def planset_run(
             "--retime", help="re-time the main latency column of the existing plan set in -o "
             "(interleaved rounds; nothing rebuilt or re-scored) and recompute the "
             "front")] = False,
+        measure_composed: Annotated[bool, typer.Option(
+            "--measure-composed", help="also score the members apreqeld composed and kept in "
+            "the state dir (online/), which join the plan set as ordinary measured "
+            "members")] = False,
         state_dir: StateDir = None, workdir: Workdir = None) -> None:
     """Plan a weight grid, build and measure each distinct plan, keep the measured front."""
     from apreqeld.aiming_loop import Bounds
@@ -772,8 +776,15 @@ def planset_run(
         return
     protocol = _protocol(chunks, ctx, n_gen, reps, threads, gpu_layers)
     started = time.time()
+    source = _model(model)
+    extra = []
+    if measure_composed:
+        from apreqeld.store.online import composed_recipes
+
+        extra = composed_recipes(workspace.state_dir, workspace.sha256(source))
+        out.print(f"{len(extra)} composed members from the state dir to score")
     with progress_bar("planset") as bar:
-        result = run_planset(_model(model), output, workspace=workspace, protocol=protocol,
+        result = run_planset(source, output, workspace=workspace, protocol=protocol,
                              types=types, outside=outside_type or "q8_0", step=step,
                              paper=paper, weights_file=weights_file, estimator=estimator,
                              accuracy=accuracy,
@@ -781,7 +792,7 @@ def planset_run(
                              calibration_tokens=calibration_tokens, serving_ctx=serving_ctx,
                              presets=presets, protect=protect, aim=aim,
                              bounds=Bounds(rounds=aim_rounds, members=aim_members),
-                             progress=bar)
+                             extra=extra, progress=bar)
     _render_planset(result)
     out.print(f"{len(result.members)} members ({len(result.pareto_members)} on the measured "
               f"front) written to {output}/ ({time.time() - started:.0f} s)")

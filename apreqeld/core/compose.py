@@ -13,7 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from apreqeld.core.targeting import Options, Predictor, allocate, option_tables, recipe_of
+from apreqeld.core.targeting import (
+    Options,
+    Predictor,
+    allocate,
+    improve,
+    option_tables,
+    recipe_of,
+)
 
 # Measurement noise the recorded error does not cover: RSS moves by a few pages and a busy
 # machine's served ms/token by tens of percent (the brief's 20-30 % drift); a composed member
@@ -79,8 +86,16 @@ def compose(predictor: Predictor, options: Options, outside: Mapping[str, str], 
         limits["latency_ms"] = max_latency_ms / (1 + error.max.get("latency_ms", 0.0))
     fixed = _outside_contribution(predictor, outside)
     if limits:
-        pick = allocate(tables[accuracy], [tables[m] for m in limits],
-                        [limits[m] - fixed[m] for m in limits])
+        costs = [tables[m] for m in limits]
+        room = [limits[m] - fixed[m] for m in limits]
+        pick = allocate(tables[accuracy], costs, room)
+        if pick is None and len(limits) == 2:
+            # the multiplier grid can miss a thin feasible region of two limits: start from
+            # the fastest recipe within the footprint, then spend what is left on accuracy
+            start = allocate(tables["latency_ms"], costs[:1], room[:1])
+            rows = np.arange(len(costs[1]))
+            if start is not None and costs[1][rows, start].sum() <= room[1]:
+                pick = improve(start, tables[accuracy], costs, room)
         if pick is None:
             return None
     else:

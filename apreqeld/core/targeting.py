@@ -115,6 +115,16 @@ def allocate(loss: np.ndarray, costs: Sequence[np.ndarray], budgets: Sequence[fl
     return _fill(best, loss, cost, budget)
 
 
+def improve(pick: np.ndarray, loss: np.ndarray, costs: Sequence[np.ndarray],
+            budgets: Sequence[float], /) -> np.ndarray:
+    """A feasible `pick` made better in `loss` one sublayer change at a time, every cost
+    kept within its budget (the greedy pass of `allocate`)."""
+    loss = np.asarray(loss, dtype=np.float64)
+    cost = np.stack([np.asarray(c, dtype=np.float64) for c in costs])
+    cost = np.where(np.isfinite(loss)[None], cost, 0.0)
+    return _fill(np.asarray(pick), loss, cost, np.asarray(budgets, dtype=np.float64))
+
+
 def _fill(pick: np.ndarray, loss: np.ndarray, cost: np.ndarray, budget: np.ndarray) -> np.ndarray:
     """Greedy: take the single-sublayer change that lowers the loss most and still fits,
     until none does."""

@@ -16,7 +16,6 @@ tolerance (core.compose) is dropped and never composed again; at most `keep` are
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
@@ -37,7 +36,7 @@ from apreqeld.core.recipes import ModelShape
 from apreqeld.core.targeting import Options, Predictor, option_tables, tensor_options
 from apreqeld.errors import ApreqelError
 from apreqeld.manifest import LatencyStats, Member, Metrics, PlanSet
-from apreqeld.storage import atomic_path
+from apreqeld.store.online import read_composed, write_composed
 from apreqeld.store.shards import ShardStore, member_assembly
 
 MIB = 1024**2
@@ -259,22 +258,14 @@ class Composer:
 
     # ------------------------------------------------------------------ the online section
 
-    def _path(self) -> Path:
-        return self.state_dir / "online" / f"composed-{self.planset.model.sha256[:16]}.json"
-
     def _save(self) -> None:
-        data = {"kind": "apreqeld.composed", "model": self.planset.model.sha256,
-                "kept": [m.model_dump(mode="json") for m in self.kept.values()],
-                "dropped": sorted(self.dropped), "online": self.online}
-        with contextlib.suppress(OSError), atomic_path(self._path()) as tmp:
-            tmp.write_text(json.dumps(data, indent=1) + "\n")
+        write_composed(self.state_dir, self.planset.model.sha256,
+                       kept=[m.model_dump(mode="json") for m in self.kept.values()],
+                       dropped=sorted(self.dropped), online=self.online)
 
     def _load(self) -> None:
         """Composed members kept from an earlier run that this plan set still assembles."""
-        try:
-            data = json.loads(self._path().read_text())
-        except (OSError, ValueError):
-            return
+        data = read_composed(self.state_dir, self.planset.model.sha256)
         self.online = dict(data.get("online") or {})
         self.dropped |= {k: self.dropped.get(k) for k in data.get("dropped", [])
                          if k not in self.dropped}
