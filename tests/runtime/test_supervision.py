@@ -34,18 +34,28 @@ def serving_pid(d) -> int:
     return alive[0]["pid"]
 
 
+@pytest.fixture
+def calm(tmp_path) -> tuple[str, str]:
+    """Daemon options that replay a machine with plenty of memory and no pressure: a pin to
+    the larger member must not be suspended because an earlier test (test_psi's hogs) left
+    PSI high (a CI run's pin was held at a 0.06 GiB budget and never spawned)."""
+    trace = tmp_path / "calm.jsonl"
+    trace.write_text("".join(json.dumps({"t": t, "mem_available_bytes": 4 * 1024**3,
+                                         "power_mode": "MAXN"}) + "\n" for t in (0, 3600)))
+    return "--monitor", f"trace:{trace}"
+
+
 @pytest.mark.timeout(180)
 def test_an_oserror_from_spawning_a_worker_fails_the_swap_and_swapping_goes_on(
-        daemon_factory, tiny_plans) -> None:
-    d = daemon_factory("--priority", "memory")
+        daemon_factory, tiny_plans, calm) -> None:
+    d = daemon_factory("--priority", "memory", *calm)
     ids = tiny_plans.by_label
     supervisor = psutil.Process(d.proc.pid)
     with Client(d.socket, timeout=60) as c:
         c.pin(ids["q8_0"], wait=True)  # both files checked once: no file is opened again
         c.pin(ids["q4_0"], wait=True)
-        # No new fd at all: RLIMIT_NOFILE bounds fd numbers, and any limit above 0 leaves the
-        # holes fds closed after it was set (the old worker's pipes, reaped late on a busy
-        # machine) free below it: a CI run spawned the worker through one.
+        # No new fd at all (RLIMIT_NOFILE bounds fd numbers: a limit above 0 may leave holes
+        # below it that closed fds left)
         wait_until(lambda: len([w for w in c.status()["workers"] if w["alive"]]) == 1,
                    what="the old worker stopped")
         wait_until(lambda: len(workers_of(d)) == 1, what="one worker process")
@@ -68,9 +78,10 @@ def test_an_oserror_from_spawning_a_worker_fails_the_swap_and_swapping_goes_on(
 
 
 @pytest.mark.timeout(180)
-def test_shutdown_answers_a_request_waiting_for_the_slot(daemon_factory, tiny_plans) -> None:
+def test_shutdown_answers_a_request_waiting_for_the_slot(daemon_factory, tiny_plans,
+                                                         calm) -> None:
     d = daemon_factory("--priority", "memory", "--swap-mode", "break-before-make",
-                       "--grace", "0")
+                       "--grace", "0", *calm)
     ids = tiny_plans.by_label
     raw = RawClient(d.socket)
     with Client(d.socket, timeout=60) as c:
