@@ -1,13 +1,16 @@
 """Composition benchmark (#18): plan-set members only against members + composition, side by
 side in one run, on the same replayed trace and load.
 
-Run: .venv/bin/python tools/bench_compose.py [--quick] [--threads 2] [--state-dir DIR]
-The plan set is plans/smollm2-135m (its front materialized into the state dir first, which
-quantizes only what the store lacks). The trace's budget sweeps slowly from the largest front
+Run: .venv/bin/python tools/bench_compose.py [--quick] [--set front|uniform] [--threads 2]
+The plan set is plans/smollm2-135m (`front`: as checked in; `uniform`: cut to its uniform
+members, the front recomputed among them, the evidence kept: a sparse set, as a user's set of
+uniform quantizations is), materialized into the state dir first (quantizing only what the
+store lacks). The trace's budget sweeps slowly from the largest front
 member's footprint to below the smallest (a step every 2 s), then holds. Two daemons, one after
 the other (`--no-compose`, then composition on), priority accuracy, a steady client. Reported
 per strategy: seconds over the memory budget (footprint of what served: measured for members,
-measured online for composed members, else predicted), failed requests, swaps, the predicted
+measured online for composed members, else predicted; in all, and while some member fits:
+below the smallest, the smallest serves), failed requests, swaps, the predicted
 KLD of what was served (the plan set's predictor for every plan, time-weighted; and by tokens),
 the memory step between adjacent footprints served (MiB, median and max), decision time; and
 the ratio of the two KLDs over the time the budget lies between two members.
@@ -33,9 +36,10 @@ from apreqeld.core.prediction import predictor_from_record, written
 from apreqeld.errors import DaemonError
 from apreqeld.gguf.view import read_model
 from apreqeld.manifest import load_planset
+from apreqeld.store.online import composed_path
 
 REPO = Path(__file__).resolve().parents[1]
-PLANS = REPO / "plans" / "smollm2-135m"
+CHECKED_IN = REPO / "plans" / "smollm2-135m"
 MIB = 1024**2
 RESERVE, SLACK = 64 * MIB, 4 * MIB
 STEP_S = 2.0
@@ -61,10 +65,10 @@ class Run:
 
 
 def sweep(planset, steps: int) -> list[tuple[float, float]]:
-    """(t, budget) from the largest front footprint (plus the slack) to 10 MiB below the
-    smallest, in `steps` even steps of STEP_S, then held as long again."""
+    """(t, budget) from the largest front footprint (plus the slack) to 4 MiB below the
+    smallest, in `steps` even steps of STEP_S, then held half as long again."""
     fp = sorted(m.measured.footprint_bytes for m in planset.pareto_members)
-    top, bottom = fp[-1] + SLACK + MIB, fp[0] - 10 * MIB
+    top, bottom = fp[-1] + SLACK + MIB, fp[0] - 4 * MIB
     rows = [(k * STEP_S, top - (top - bottom) * k / (steps - 1)) for k in range(steps)]
     return rows + [(steps * STEP_S * 1.5, bottom)]
 
@@ -78,10 +82,26 @@ def budget_at(rows: list[tuple[float, float]], t: float) -> float:
     return [b for at, b in rows if at <= t][-1]
 
 
-def run(name: str, flags: list[str], trace: Path, state: Path, args, end: float,
+def plan_folder(kind: str, tmp: Path) -> Path:
+    """The checked-in set, or a copy cut to its uniform members (front among them)."""
+    if kind == "front":
+        return CHECKED_IN
+    from apreqeld.manifest import save_planset
+    from apreqeld.planset import with_front
+
+    full = load_planset(CHECKED_IN)
+    members = with_front([m for m in full.members if m.kind == "uniform"], full.accuracy)
+    save_planset(full.model_copy(update={"members": members, "presets": [],
+                                         "name": f"{full.name}-uniform"}), tmp / "uniform")
+    return tmp / "uniform"
+
+
+def run(name: str, flags: list[str], plans: Path, trace: Path, state: Path, args, end: float,
         tmp: Path) -> Run:
     sock, log = tmp / f"{name}.sock", tmp / f"{name}.log"
-    cmd = [sys.executable, "-m", "apreqeld.cli.daemon", "--plans", str(PLANS), "--socket",
+    # each daemon starts without what an earlier one learnt (kept composed members)
+    composed_path(state, load_planset(plans).model.sha256).unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "apreqeld.cli.daemon", "--plans", str(plans), "--socket",
            str(sock), "--state-dir", str(state), "--threads", str(args.threads), "--monitor",
            f"trace:{trace}", "--monitor-interval", "0.5", "--reserve", str(RESERVE), "--slack",
            str(SLACK), "--no-watch", "--priority", "accuracy", *flags]
@@ -109,7 +129,8 @@ def run(name: str, flags: list[str], trace: Path, state: Path, args, end: float,
             load.join(120)
             r.monitor = c.status()["monitor"]
             for m in c.plans().get("composed", []):
-                r.composed.setdefault(m["id"], {}).update(online=m.get("online") or {})
+                r.composed.setdefault(m["id"], {}).update(online=m.get("online") or {},
+                                                          predicted=m["predicted"])
             watcher.close()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -164,6 +185,8 @@ def summarise(r: Run, planset, predict, rows, end: float) -> dict:
     step = 0.05
     grid = [i * step for i in range(int(end / step))]
     over = sum(step for t in grid if footprint(r.plan_at(t)) > budget_at(rows, t))
+    avoidable = sum(step for t in grid if footprint(r.plan_at(t)) > budget_at(rows, t)
+                    and budget_at(rows, t) >= fps[0])
     between = [t for t in grid if fps[0] < budget_at(rows, t) < fps[-1]]
     kld_between = statistics.fmean(kld(r.plan_at(t)) for t in between) if between else None
     tokens = [(res["usage"]["completion_tokens"], res["plan"]) for _, res in r.results]
@@ -171,7 +194,8 @@ def summarise(r: Run, planset, predict, rows, end: float) -> dict:
     served = sorted({footprint(p) for p in [r.first, *(to for _, to in r.swaps)]})
     gaps = [(b - a) / MIB for a, b in zip(served, served[1:], strict=False)]
     return {
-        "strategy": r.name, "over_budget_s": round(over, 2), "failed": r.errors,
+        "strategy": r.name, "over_budget_s": round(over, 2),
+        "over_budget_s_a_member_fits": round(avoidable, 2), "failed": r.errors,
         "requests": len(r.results), "tokens": served_tokens, "swaps": len(r.swaps),
         "composed": len([p for p in r.composed if p not in members]),
         "dropped": len([c for c in r.composed.values() if "dropped" in c]),
@@ -189,25 +213,27 @@ def summarise(r: Run, planset, predict, rows, end: float) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="12 budget steps instead of 30")
+    p.add_argument("--set", dest="kind", choices=["front", "uniform"], default="front")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--state-dir", type=Path, help="shard store (default $APREQEL_HOME/state)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
-    planset = load_planset(PLANS)
     state = args.state_dir or Path(os.environ.get("APREQEL_HOME",
                                                   Path.home() / ".cache" / "apreqel")) / "state"
-    print(f"materializing the front of {planset.name} in {state} ...", flush=True)
-    subprocess.run([sys.executable, "-m", "apreqeld.cli.apreqel", "planset", "materialize",
-                    str(PLANS), "--front", "--state-dir", str(state)], check=True, cwd=REPO)
-    rows = sweep(planset, 12 if args.quick else 30)
-    end = rows[-1][0]
     with tempfile.TemporaryDirectory(prefix="bench-compose-") as tmp_name:
         tmp = Path(tmp_name)
+        plans = plan_folder(args.kind, tmp)
+        planset = load_planset(plans)
+        print(f"materializing the front of {planset.name} in {state} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "apreqeld.cli.apreqel", "planset", "materialize",
+                        str(plans), "--front", "--state-dir", str(state)], check=True, cwd=REPO)
+        rows = sweep(planset, 12 if args.quick else 30)
+        end = rows[-1][0]
         trace = tmp / "sweep.jsonl"
         write_trace(rows, trace)
-        runs = [run("members-only", ["--no-compose"], trace, state, args, end, tmp),
-                run("composition", [], trace, state, args, end, tmp)]
+        runs = [run("members-only", ["--no-compose"], plans, trace, state, args, end, tmp),
+                run("composition", [], plans, trace, state, args, end, tmp)]
     view = member_view(state, planset)
     pred = predictor_from_record(view, planset.protocol["planning"]["aim"])
 
