@@ -370,7 +370,11 @@ def test_recipes_command_measures_hand_written_recipes(run_cli: CliRunner,
     assert by["protected"].kind == "mix"
     assert by["protected"].recipe["blk.3.attn_v.weight"] == "q8_0"
     assert by["protected"].recipe["blk.3.attn_q.weight"] == "q4_0"
-    assert by["q4"].measured.footprint_bytes < by["protected"].measured.footprint_bytes
+    # the protected mix holds more parameter bytes (exact); its resident footprint need not
+    # be larger (llama.cpp repacks q4_0 for the CPU and not q8_0: a CI run measured 130.31
+    # MB for q4 against 130.02 for protected)
+    assert by["q4"].measured.parameter_bytes < by["protected"].measured.parameter_bytes
+    assert by["q4"].measured.footprint_bytes > 0 and by["protected"].measured.footprint_bytes > 0
     for args, message in [(("x=" + str(tmp_path / "none.txt"),), "recipe file not found"),
                           (("justafile",), "expected LABEL=FILE, got 'justafile'"),
                           ((f"a={tmp_path / 'all-q4_0.txt'}", f"a={tmp_path / 'all-q4_0.txt'}"),
