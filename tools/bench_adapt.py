@@ -190,15 +190,9 @@ def run_strategy(name: str, plans: Path, state: Path, trace: Path, args, planset
            f"trace:{trace}", "--monitor-interval", str(args.interval), "--dwell",
            str(args.dwell), "--reserve", str(RESERVE), "--slack", str(SLACK), "--no-watch",
            "--gpu-layers", "99", *flags]
-    with log.open("wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    proc = launch(cmd, log)
     run = Run(name)
     try:
-        deadline = time.monotonic() + 120
-        while "apreqeld: serving" not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"apreqeld did not start: {log.read_text(errors='replace')}")
-            time.sleep(0.05)
         with Client(sock, timeout=60) as c:
             status = c.status()
             run.started, run.first = status["monitor"]["started"], status["plan"]
@@ -226,12 +220,31 @@ def run_strategy(name: str, plans: Path, state: Path, trace: Path, args, planset
             run.monitor = c.status()["monitor"]
             watcher.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        terminate(proc)
     return run
+
+
+def launch(cmd: list[str], log: Path, *, timeout: float = 120) -> subprocess.Popen:
+    """Start `apreqeld` (output to `log`) and wait until it serves; exit if it does not."""
+    with log.open("wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    deadline = time.monotonic() + timeout
+    while "apreqeld: serving" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            terminate(proc)
+            raise SystemExit(f"apreqeld did not start: {log.read_text(errors='replace')}")
+        time.sleep(0.05)
+    return proc
+
+
+def terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM (the daemon drains), then SIGKILL after 30 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def follow(events, run: Run) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_adapt as adapt  # noqa: E402
 from apreqeld.client import Client
 from apreqeld.core.prediction import predictor_from_record, written
 from apreqeld.errors import DaemonError
@@ -38,30 +40,14 @@ from apreqeld.gguf.view import read_model
 from apreqeld.manifest import load_planset
 from apreqeld.store.online import composed_path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO, MIB, RESERVE, SLACK = adapt.REPO, adapt.MIB, adapt.RESERVE, adapt.SLACK
 CHECKED_IN = REPO / "plans" / "smollm2-135m"
-MIB = 1024**2
-RESERVE, SLACK = 64 * MIB, 4 * MIB
 STEP_S = 2.0
 
 
 @dataclass
-class Run:
-    name: str
-    started: float = 0.0
-    first: str = ""
-    swaps: list[tuple[float, str]] = field(default_factory=list)
-    results: list[tuple[float, dict]] = field(default_factory=list)
-    errors: int = 0
+class Run(adapt.Run):
     composed: dict[str, dict] = field(default_factory=dict)  # id -> predicted / online
-    monitor: dict = field(default_factory=dict)
-
-    def plan_at(self, t: float) -> str:
-        plan = self.first
-        for at, to in self.swaps:
-            if at <= t:
-                plan = to
-        return plan
 
 
 def sweep(planset, steps: int) -> list[tuple[float, float]]:
@@ -105,15 +91,9 @@ def run(name: str, flags: list[str], plans: Path, trace: Path, state: Path, args
            str(sock), "--state-dir", str(state), "--threads", str(args.threads), "--monitor",
            f"trace:{trace}", "--monitor-interval", "0.5", "--reserve", str(RESERVE), "--slack",
            str(SLACK), "--no-watch", "--priority", "accuracy", *flags]
-    with log.open("wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    proc = adapt.launch(cmd, log, timeout=180)
     r = Run(name)
     try:
-        deadline = time.monotonic() + 180
-        while "apreqeld: serving" not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"apreqeld did not start: {log.read_text(errors='replace')}")
-            time.sleep(0.05)
         with Client(sock, timeout=120) as c:
             status = c.status()
             r.started, r.first = status["monitor"]["started"], status["plan"]
@@ -121,7 +101,7 @@ def run(name: str, flags: list[str], plans: Path, trace: Path, state: Path, args
             events = watcher.events()
             threading.Thread(target=follow, args=(events, r), daemon=True).start()
             stop = threading.Event()
-            load = threading.Thread(target=steady, args=(sock, r, stop, args.tokens))
+            load = threading.Thread(target=adapt.steady, args=(sock, r, stop, args.tokens))
             load.start()
             while time.time() - r.started < end:
                 time.sleep(0.2)
@@ -133,11 +113,7 @@ def run(name: str, flags: list[str], plans: Path, trace: Path, state: Path, args
                                                           predicted=m["predicted"])
             watcher.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        adapt.terminate(proc)
     return r
 
 
@@ -154,16 +130,6 @@ def follow(events, r: Run) -> None:
                     r.composed[e["plan"]]["dropped"] = e["reason"]
     except (DaemonError, OSError):
         pass
-
-
-def steady(sock: Path, r: Run, stop: threading.Event, tokens: int) -> None:
-    with Client(sock, timeout=120) as c:
-        while not stop.is_set():
-            try:
-                res = c.generate("Once upon a time", max_tokens=tokens, seed=7)
-                r.results.append((time.time() - r.started, res))
-            except DaemonError:
-                r.errors += 1
 
 
 def summarise(r: Run, planset, predict, rows, end: float) -> dict:

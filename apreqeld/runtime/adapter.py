@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -269,43 +269,45 @@ class Adapter:
                        decide_ms=round(ms, 3))
         return choice
 
-    def limits(self) -> tuple[float | None, float | None]:
-        """(footprint, ms/token as measured) a member that is not serving must fit now: the
-        budget less the slack and the max memory level; the max latency level over the live
-        scale. None: no limit."""
-        budget, levels = self.budget_bytes(), self.priority.levels
-        if budget is not None:
-            budget -= self.policy.slack_bytes
+    @staticmethod
+    def _limits(budget: float | None, levels: ServiceLevels,
+                scale: float) -> dict[str, float | None]:
+        """What a composed member must fit: `budget` and the max memory level; the max
+        latency level over the live scale (ms/token as measured). None: no limit."""
         found = [b for b in (budget, levels.max_memory_bytes) if b is not None]
-        footprint = min(found) if found else None
-        ms = (levels.max_latency_ms / self.latency_scale()
-              if levels.max_latency_ms is not None else None)
-        return footprint, ms
+        return {"max_footprint_bytes": min(found) if found else None,
+                "max_latency_ms": (levels.max_latency_ms / scale
+                                   if levels.max_latency_ms is not None else None)}
+
+    def _fitting(self, members: list[Member], levels: ServiceLevels, budget: float | None,
+                 scale: float, *, slack: float = 0.0) -> list[Member]:
+        """The members that fit the levels and `budget` (less `slack`, except the serving
+        one)."""
+        serving, fitting = self._serving(), []
+        for m, c in zip(members, self.candidates(members), strict=True):
+            limit = budget if budget is None or m.id == serving else budget - slack
+            if feasibility(c, levels, budget_bytes=limit, latency_scale=scale) is None:
+                fitting.append(m)
+        return fitting
 
     def _proposal(self, available: list[Member]) -> Member | None:
         """A composed member worth adding to the candidates now (not while pinned, nor when
         nothing limits the choice: the largest member serves)."""
         if self.composer is None or self.pinned is not None:
             return None
-        footprint, ms = self.limits()
-        if footprint is None and ms is None:
-            return None
         budget, scale = self.budget_bytes(), self.latency_scale()
-        serving = self._serving()
-        fitting = []
-        for m, c in zip(available, self.candidates(available), strict=True):
-            limit = budget if budget is None or m.id == serving else \
-                budget - self.policy.slack_bytes
-            if feasibility(c, self.priority.levels, budget_bytes=limit,
-                           latency_scale=scale) is None:
-                fitting.append(m)
+        slack = self.policy.slack_bytes
+        limits = self._limits(None if budget is None else budget - slack,
+                              self.priority.levels, scale)
+        if all(v is None for v in limits.values()):
+            return None
+        fitting = self._fitting(available, self.priority.levels, budget, scale, slack=slack)
         accuracy = self.planset.accuracy
         top = min(self.planset.pareto_members or self.planset.members,
                   key=lambda m: getattr(m.measured, accuracy))
         if any(m.id == top.id for m in fitting):
             return None  # the most accurate member fits: nothing to compose for
-        return self.composer.propose(max_footprint_bytes=footprint, max_latency_ms=ms,
-                                     fitting=fitting)
+        return self.composer.propose(**limits, fitting=fitting)
 
     def preview(self, priority: Priority, /, *, budget_bytes: float | None) -> dict:
         """What would be composed under this priority (its weights and levels) and memory
@@ -313,9 +315,7 @@ class Adapter:
         is served or kept."""
         levels, scale = priority.levels, self.latency_scale()
         members = [m for m in self.available() if m.kind != "composed"]
-        fitting = [m for m, c in zip(members, self.candidates(members), strict=True)
-                   if feasibility(c, levels, budget_bytes=budget_bytes,
-                                  latency_scale=scale) is None]
+        fitting = self._fitting(members, levels, budget_bytes, scale)
         best = min(fitting, key=lambda m: getattr(m.measured, self.planset.accuracy),
                    default=None)
         out = {"budget_bytes": budget_bytes, "fitting": [m.id for m in fitting],
@@ -325,10 +325,7 @@ class Adapter:
         off = self.composer.off_reason if self.composer else "no composer"
         if off is not None:
             return out | {"composed": None, "reason": f"composition is off: {off}"}
-        found = [b for b in (budget_bytes, levels.max_memory_bytes) if b is not None]
-        limits = {"max_footprint_bytes": min(found) if found else None,
-                  "max_latency_ms": (levels.max_latency_ms / scale
-                                     if levels.max_latency_ms is not None else None)}
+        limits = self._limits(budget_bytes, levels, scale)
         composition = self.composer.composition(**limits)
         if composition is None:
             return out | {"composed": None, "reason": "no recipe of the shards at hand is "
@@ -339,12 +336,9 @@ class Adapter:
         if proposal is not None:
             chosen = choose(self.candidates([*members, proposal]), priority,
                             budget_bytes=budget_bytes, latency_scale=scale).choice
-        types: dict[str, int] = {}
-        for q in shown.recipe.values():
-            types[q] = types.get(q, 0) + 1
         return out | {
             "composed": {"id": shown.id, "label": shown.label, "predicted": shown.predicted,
-                         "types": types},
+                         "types": dict(Counter(shown.recipe.values()))},
             "worth_serving": proposal is not None, "would_serve": chosen == shown.id,
             "chosen": chosen,
             "reason": ("predicted better than every member that fits beyond the predictor's "

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -70,6 +70,8 @@ class Composer:
         self.record = (planset.protocol.get("planning") or {}).get("aim") or {}
         self.error: RecordedError | None = recorded_error(self.record.get("prediction_error"))
         self._predictor: Predictor | None = None
+        self._view: ModelShape | None = None
+        self._accuracy: dict[str, float | None] = {}  # member id -> predicted accuracy
         self._options: Options | None = None
         self._tables: dict | None = None
         self._outside: dict[str, str] = {}
@@ -101,7 +103,7 @@ class Composer:
         if view is None:
             return False
         try:
-            self._predictor = predictor_from_record(view, self.record)
+            self._predictor, self._view = predictor_from_record(view, self.record), view
             self._outside = outside_recipe(view, self.record["sensitivity"]["outside"])
             types = list(self._predictor.figures[self.planset.accuracy])
             table = self.planset.store
@@ -128,15 +130,17 @@ class Composer:
         return self.kept.get(plan) or self.dropped.get(plan) if plan else None
 
     def predicted_accuracy(self, member: Member, /) -> float | None:
-        """The predictor's accuracy of any member (composed or measured), for comparing."""
+        """The predictor's accuracy of any member (composed or measured), for comparing;
+        computed once per member and plan set."""
         if not self._ready():
             return None
-        view = self._view_of()
-        try:
-            recipe = written(view, member.recipe) if view is not None else member.recipe
-            return self._predictor.predict(recipe)[self.planset.accuracy]
-        except (KeyError, ApreqelError):
-            return None
+        if member.id not in self._accuracy:
+            try:
+                self._accuracy[member.id] = self._predictor.predict(
+                    written(self._view, member.recipe))[self.planset.accuracy]
+            except (KeyError, ApreqelError):
+                self._accuracy[member.id] = None
+        return self._accuracy[member.id]
 
     def composition(self, *, max_footprint_bytes: float | None,
                     max_latency_ms: float | None) -> Composition | None:
@@ -191,10 +195,7 @@ class Composer:
         base = self.planset.members[0].base_type
         assembly = member_assembly(table, dict(found.recipe), base)
         p = found.predicted
-        counts: dict[str, int] = {}
-        for q in found.recipe.values():
-            counts[q] = counts.get(q, 0) + 1
-        mix = "/".join(f"{q} {n}" for q, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        mix = "/".join(f"{q} {n}" for q, n in Counter(found.recipe.values()).most_common())
         return Member(
             id=assembly.identity[:12], kind="composed", base_type=base,
             label=f"composed {p['footprint_bytes'] / MIB:.1f} MiB: {mix}",
@@ -267,8 +268,8 @@ class Composer:
         """Composed members kept from an earlier run that this plan set still assembles."""
         data = read_composed(self.state_dir, self.planset.model.sha256)
         self.online = dict(data.get("online") or {})
-        self.dropped |= {k: self.dropped.get(k) for k in data.get("dropped", [])
-                         if k not in self.dropped}
+        for plan in data.get("dropped", []):
+            self.dropped.setdefault(plan, None)
         for raw in data.get("kept", []):
             with contextlib.suppress(ValueError, KeyError, ApreqelError):
                 m = Member.model_validate(raw)
