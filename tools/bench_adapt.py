@@ -109,6 +109,12 @@ class Phase:
     shed: float = 0.0  # share of the largest plan the machine needs back
 
 
+def spread_enough(planset: PlanSet) -> bool:
+    """Whether a serving member lies far enough below the largest for the memory drop."""
+    fp = sorted(m.measured.footprint_bytes for m in serving_members(planset))
+    return any(f <= fp[-1] - 2 * SLACK - 4 * MIB for f in fp)
+
+
 def scenario(planset: PlanSet, scale: float) -> list[Phase]:
     fp = sorted(m.measured.footprint_bytes for m in serving_members(planset))
     below = max(f for f in fp if f <= fp[-1] - 2 * SLACK - 4 * MIB)
@@ -388,6 +394,14 @@ def main() -> None:
 
     real = REPO / "plans" / "smollm2-135m"
     work = default_workdir() / "bench-adapt"
+    if args.planset != "tiny" and (real / "planset.json").is_file() and \
+            not spread_enough(load_planset(real)):
+        if args.planset == "real":
+            raise SystemExit(f"the front of {real} spans too little memory for the scenario's "
+                             "memory drop (no member 2 slacks + 4 MiB below the largest)")
+        print(f"plan set: the front of {real} is too dense for the memory drop; using the "
+              "tiny set")
+        args.planset = "tiny"
     if args.planset != "tiny" and (real / "planset.json").is_file():
         from apreqeld.evidence.workspace import Workspace
         from apreqeld.planset import materialize
@@ -402,8 +416,7 @@ def main() -> None:
     elif args.planset == "real":
         raise SystemExit(f"no plan set at {real}")
     else:
-        print("plan set: plans/smollm2-135m is not there; three tiny members of the default "
-              f"model (cached in {work})")
+        print(f"plan set: three tiny members of the default model (cached in {work})")
         base_dir, state = tiny_planset(work, args.threads)
     planset = with_power_modes(load_planset(base_dir), work / "plans-power")
     phases = scenario(planset, scale)
