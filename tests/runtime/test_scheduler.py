@@ -626,6 +626,10 @@ def test_missing_shards_are_built_outside_the_slot_first_plan_first(
         await s.pin(IDS["small"], wait=True)
         assert s.serving == IDS["small"]
         await until(lambda: len(calls) == 3)
+        # the third build's member is assembled (and known present) just after its build
+        # returns: wait for that state, not the instant the build was called (a CI run saw it
+        # still missing)
+        await until(lambda: all(s.files.present(m) for m in PLANSET.members))
         # the first plan first; each member once; what start or a swap waited for was built
         # with the slot free; the background prefetch goes smallest first (the swap to small
         # and the prefetch race for small: either may build it)
